@@ -1,0 +1,19 @@
+"""The aiohttp application: middlewares, routes, shared state. Nothing here runs a role."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .auth import auth_middleware
+from .context import CTX, ApiContext
+from .errors import errors_middleware
+from .routes import add_routes
+
+
+def create_app(context: ApiContext) -> web.Application:
+    # uploads are streamed with their own limit; client_max_size only bounds bodies read whole
+    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+                          client_max_size=context.max_json_bytes)
+    app[CTX] = context
+    add_routes(app)
+    return app

@@ -1,0 +1,40 @@
+"""What the handlers share, reachable through one ``AppKey`` (aiohttp's typed app state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import aiosqlite
+from aiohttp import web
+
+from mlynar_events.blobs import BlobStore
+from mlynar_events.secrets import SecretStore
+from mlynar_events.store import EventStore
+from projections.projector import Projector
+
+
+@dataclass
+class ApiContext:
+    store: EventStore
+    blobs: BlobStore
+    secrets: SecretStore
+    db: aiosqlite.Connection
+    projector: Projector
+    max_upload_bytes: int = 4 * 1024**3
+    max_json_bytes: int = 1024**2
+    default_max_parallel: int = 8
+    api_token: str | None = None
+    public_url: str | None = None
+    read_timeout: float = 10.0
+
+    async def caught_up(self, seq: int | None) -> None:
+        """Read-your-writes: return once the views include ``seq``."""
+        if seq is not None and not await self.projector.wait_for(seq, self.read_timeout):
+            raise web.HTTPServiceUnavailable(reason="projection lagging")
+
+
+CTX: web.AppKey[ApiContext] = web.AppKey("ctx", ApiContext)
+
+
+def ctx(request: web.Request) -> ApiContext:
+    return request.app[CTX]

@@ -1,0 +1,168 @@
+"""Request and response bodies of the REST API (Mlynar's JSON shapes, extra fields allowed).
+The OpenAPI document is generated from these models."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from mlynar_events.names import check_dns1123_label
+
+Name = Annotated[str, AfterValidator(check_dns1123_label)]
+
+
+def _check_url(v: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(v)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError("url must be an http(s) URL with a host")
+    return v.rstrip("/")
+
+
+AgentUrl = Annotated[str, AfterValidator(_check_url)]
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ErrorBody(Model):
+    error: str
+    detail: Any = None
+
+
+class DataUnitOut(Model):
+    id: str
+    dataKind: str
+    ancestors: list[str]
+    url: str
+    size: int
+    sha256: str
+    filename: str
+    stepId: str | None = None
+
+
+class StepOut(Model):
+    id: str
+    jobName: str
+    pvcName: str
+    operator: str
+    status: str
+    inputDataUnits: dict[str, str]
+    outputDataUnits: list[str]
+    revision: int
+    attempt: int
+    target: str | None = None
+    error: str | None = None
+    logsUrl: str
+    scheduledAt: str
+    startedAt: str | None = None
+    finishedAt: str | None = None
+
+
+class ParamOut(Model):
+    name: str
+    defaultValue: str
+    value: str | None = None
+
+
+class StepCounts(Model):
+    total: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    active: int
+
+
+class RunOut(Model):
+    id: str
+    status: str
+    steps: list[StepOut]
+    dataPool: list[DataUnitOut]
+    paramPool: dict[str, list[ParamOut]]
+    stepCounts: StepCounts
+    maxParallel: int | None = None
+    terminationReason: str | None = None
+    createdAt: str
+    updatedAt: str
+    version: int
+
+
+class RunSummary(Model):
+    id: str
+    status: str
+    stepCounts: StepCounts
+    createdAt: str
+    updatedAt: str
+
+
+class ParamIn(Model):
+    """One parameter in Mlynar's ``/run`` body: ``{"name", "value", "defaultValue"?}``."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    value: str | int | float | bool | None = None
+    defaultValue: str | None = None
+
+
+class MachineIn(Model):
+    model_config = ConfigDict(extra="forbid")
+    name: Name
+    url: AgentUrl
+    token: str | None = Field(default=None, min_length=1, max_length=4096)
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class MachineUpdate(Model):
+    model_config = ConfigDict(extra="forbid")
+    url: AgentUrl | None = None
+    token: str | None = Field(default=None, min_length=1, max_length=4096)
+    labels: dict[str, str] | None = None
+
+
+class MachineOut(Model):
+    name: str
+    url: str
+    labels: dict[str, str]
+    hasToken: bool
+    registeredAt: str
+    updatedAt: str
+
+
+class MachineCheck(Model):
+    name: str
+    ok: bool
+    status: int | None = None
+    detail: Any = None
+
+
+class DataKindOut(Model):
+    apiVersion: str = "mlynar.dev/v1alpha1"
+    kind: str = "DataKind"
+    metadata: dict[str, Any]
+    spec: dict[str, Any]
+
+
+class OperatorOut(Model):
+    apiVersion: str = "mlynar.dev/v1alpha1"
+    kind: str = "Operator"
+    metadata: dict[str, Any]
+    spec: dict[str, Any]
+    revision: int
+
+
+class Declared(Model):
+    name: str
+    changed: bool
+    revision: int | None = None
+
+
+class Deleted(Model):
+    deleted: bool = True
+
+
+class Health(Model):
+    status: str
+    position: int

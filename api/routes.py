@@ -1,0 +1,90 @@
+"""Every route of the API, in one table: method, path, handler, and the models the OpenAPI
+document is generated from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from . import machines, registry, runs
+from .context import ctx
+from .models import (
+    Declared, Deleted, DataKindOut, DataUnitOut, Health, MachineCheck, MachineIn, MachineOut,
+    MachineUpdate, OperatorOut, RunOut, RunSummary,
+)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    body: type[BaseModel] | str | None = None  # a model, or a media type description
+    response: Any = None
+    errors: tuple[int, ...] = ()
+    query: tuple[tuple[str, str], ...] = ()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response(Health(status="ok", position=ctx(request).projector.position).model_dump())
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from .openapi import document
+
+    return web.json_response(document(ROUTES))
+
+
+RUN = "/api/run/{run_id}"
+ROUTES: list[Route] = [
+    Route("GET", "/healthz", healthz, "Liveness and the projection's position", response=Health),
+    Route("GET", "/api/openapi.json", openapi, "This document"),
+    Route("GET", "/api/runs", runs.list_runs, "List runs, newest first", response=list[RunSummary],
+          query=(("limit", "integer"), ("offset", "integer"))),
+    Route("POST", "/api/run", runs.create_run, "Create an empty run", response=RunOut),
+    Route("GET", RUN, runs.get_run, "A run with its data pool and steps", response=RunOut, errors=(404,)),
+    Route("DELETE", RUN, runs.delete_run, "Delete a run and its data", errors=(404, 409)),
+    Route("POST", RUN + "/upload/{data_kind}", runs.upload, "Add a file to the run's pool as a data kind",
+          body="multipart/form-data", response=DataUnitOut, errors=(400, 404, 409, 413)),
+    Route("GET", RUN + "/params", runs.params, "Operators reachable from the pool with their parameters",
+          errors=(404,)),
+    Route("POST", RUN + "/run", runs.start_run, "Start the run with a param pool", body="application/json",
+          response=RunOut, errors=(400, 404, 409), query=(("maxParallel", "integer"),)),
+    Route("POST", RUN + "/terminate", runs.terminate_run, "Stop scheduling; cancel=true also cancels running steps",
+          response=RunOut, errors=(404, 409), query=(("cancel", "boolean"),)),
+    Route("GET", RUN + "/steps/{step_id}", runs.get_step, "One step with its attempts", errors=(404,)),
+    Route("GET", RUN + "/steps/{step_id}/logs", runs.step_logs, "A step's logs (latest attempt)",
+          errors=(404,), query=(("attempt", "integer"),)),
+    Route("GET", "/static/{run_id}/data/{unit_id}", runs.unit_data, "A data unit's bytes", errors=(404,)),
+    Route("GET", "/api/data-kinds", registry.list_data_kinds, "Declared data kinds", response=list[DataKindOut]),
+    Route("POST", "/api/data-kinds", registry.declare_data_kind, "Declare a DataKind document",
+          body="application/json", response=Declared, errors=(400,)),
+    Route("DELETE", "/api/data-kinds/{name}", registry.delete_data_kind, "Delete a data kind", response=Deleted,
+          errors=(404, 409)),
+    Route("GET", "/api/operators", registry.list_operators, "Declared operators", response=list[OperatorOut]),
+    Route("POST", "/api/operators", registry.declare_operator, "Declare an Operator document",
+          body="application/json", response=Declared, errors=(400,)),
+    Route("DELETE", "/api/operators/{name}", registry.delete_operator, "Delete an operator", response=Deleted,
+          errors=(404,)),
+    Route("GET", "/api/machines", machines.list_machines, "Registered machines", response=list[MachineOut]),
+    Route("POST", "/api/machines", machines.register_machine, "Register a machine (its agent's URL and token)",
+          body=MachineIn, response=MachineOut, errors=(400, 409)),
+    Route("GET", "/api/machines/{name}", machines.get_machine, "One machine", response=MachineOut, errors=(404,)),
+    Route("PUT", "/api/machines/{name}", machines.update_machine, "Change a machine's URL, token or labels",
+          body=MachineUpdate, response=MachineOut, errors=(400, 404)),
+    Route("DELETE", "/api/machines/{name}", machines.delete_machine, "Unregister a machine", response=Deleted,
+          errors=(404,)),
+    Route("POST", "/api/machines/{name}/check", machines.check_machine, "Call the machine agent's health endpoint",
+          response=MachineCheck, errors=(404,)),
+]
+
+
+def add_routes(app: web.Application, routes: list[Route] = ROUTES) -> None:
+    for r in routes:
+        app.router.add_route(r.method, r.path, r.handler)

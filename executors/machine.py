@@ -1,0 +1,166 @@
+"""The machine backend: runs a step on a registered machine's agent over HTTP.
+
+Inputs stream from the blob store to the agent, outputs and logs stream back to local files;
+nothing is held whole in memory. Machines (URL, token reference) are followed from the
+``mlynar.machine.>`` events; tokens come from the secret store at the moment they are needed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+from mlynar_events.blobs import BlobStore
+from mlynar_events.events import MachineDeleted, MachineRegistered, StepScheduled
+from mlynar_events.secrets import SecretStore
+from mlynar_events.store import EventStore
+
+from .backend import Attempt, AttemptResult, Output
+from .machine_client import AgentClient, AgentError
+
+log = logging.getLogger("mlynar.executor.machine")
+
+WAIT = 30.0  # long-poll slice
+CONNECT_TRIES = 4
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    url: str
+    token_ref: str | None
+
+
+class MachineDirectory:
+    """The registered machines, folded from their events and kept up to date."""
+
+    def __init__(self, store: EventStore) -> None:
+        self.store = store
+        self.machines: dict[str, Machine] = {}
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        sub = await self.store.subscribe("mlynar.machine.>")
+        if sub.start_head == 0:
+            self.ready.set()
+        try:
+            async for stored in sub:
+                event = stored.event
+                if isinstance(event, MachineRegistered):  # also MachineUpdated
+                    self.machines[event.name] = Machine(event.name, event.url, event.token_ref)
+                elif isinstance(event, MachineDeleted):
+                    self.machines.pop(event.name, None)
+                if sub.pending == 0:
+                    self.ready.set()
+        finally:
+            await sub.close()
+
+    async def get(self, name: str, timeout: float = 10.0) -> Machine | None:
+        await asyncio.wait_for(self.ready.wait(), timeout)
+        return self.machines.get(name)
+
+
+class MachineBackend:
+    def __init__(self, directory: MachineDirectory, secrets: SecretStore, blobs: BlobStore,
+                 *, connect_timeout: float = 10.0, read_timeout: float = 60.0) -> None:
+        self.directory = directory
+        self.secrets = secrets
+        self.blobs = blobs
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+
+    def target(self, step: StepScheduled) -> str:
+        return f"machine:{step.spec.machine}"
+
+    def external_id(self, step: StepScheduled, attempt: int) -> str:
+        return f"{step.step_id}-{attempt}"
+
+    async def close(self) -> None:
+        pass
+
+    async def run(self, attempt: Attempt) -> AttemptResult:
+        step = attempt.step
+        name = step.spec.machine or ""
+        machine = await self.directory.get(name)
+        if machine is None:
+            return AttemptResult(ok=False, error=f"machine {name!r} is not registered", retryable=True)
+        token = await self.secrets.get(machine.token_ref) if machine.token_ref else None
+        async with AgentClient(machine.url, token, connect_timeout=self.connect_timeout,
+                               read_timeout=self.read_timeout) as client:
+            try:
+                return await self._run(client, attempt)
+            except AgentError as exc:
+                return AttemptResult(ok=False, error=f"machine {name!r} at {machine.url}: {exc}")
+
+    async def _run(self, client: AgentClient, a: Attempt) -> AttemptResult:
+        step, sid = a.step, a.external_id
+        inputs_dir = a.workdir / "inputs"
+        inputs = {}
+        for i, inp in enumerate(step.inputs):
+            path = inputs_dir / f"in{i}" / inp.filename
+            await self.blobs.get_to_file(inp.blob, path)
+            inputs[f"in{i}"] = path
+        manifest = {
+            "command": step.spec.command,
+            "env": step.env,
+            "inputs": [{"name": f"in{i}", "filename": inp.filename, "env": inp.env} for i, inp in enumerate(step.inputs)],
+            "timeoutSeconds": step.spec.timeoutSeconds,
+        }
+        await _with_retries(lambda: client.put_step(sid, manifest, inputs))
+        status = await self._wait(client, sid, a)
+        logs = a.workdir / "logs.txt"
+        try:
+            await _with_retries(lambda: client.download_logs(sid, logs))
+        except AgentError:
+            logs = None  # type: ignore[assignment]
+        if status is None:  # cancelled
+            await _quietly(client.delete_step(sid))
+            return AttemptResult(ok=False, error="cancelled", logs=logs, cancelled=True)
+        if status["state"] != "succeeded":
+            await _quietly(client.delete_step(sid))
+            error = status.get("error") or f"step {status['state']}"
+            retryable = "not allowed" not in error
+            return AttemptResult(ok=False, error=error, logs=logs, retryable=retryable)
+        outputs = []
+        for out in status.get("outputs", []):
+            dest = a.workdir / "outputs" / str(out["index"])
+            await _with_retries(lambda: client.download_output(sid, out["index"], dest, expected_sha256=out.get("sha256")))
+            outputs.append(Output(out["dataKind"], dest, out["file"].rsplit("/", 1)[-1]))
+        await _quietly(client.delete_step(sid))
+        return AttemptResult(ok=True, outputs=outputs, logs=logs)
+
+    async def _wait(self, client: AgentClient, sid: str, a: Attempt) -> dict | None:
+        """Long-poll the agent until the step ends; ``None`` if cancelled meanwhile."""
+        while True:
+            poll = asyncio.ensure_future(_with_retries(lambda: client.status(sid, wait=WAIT)))
+            cancel = asyncio.ensure_future(a.cancelled.wait())
+            done, _ = await asyncio.wait({poll, cancel}, return_when=asyncio.FIRST_COMPLETED)
+            if cancel in done:
+                poll.cancel()
+                return None
+            cancel.cancel()
+            status = poll.result()
+            if status["state"] in {"succeeded", "failed", "cancelled"}:
+                return status
+
+
+async def _with_retries(call, tries: int = CONNECT_TRIES):  # type: ignore[no-untyped-def]
+    """Connection-level retries with exponential backoff and jitter; HTTP errors that the agent
+    answered (4xx) are not retried."""
+    for n in range(tries):
+        try:
+            return await call()
+        except AgentError as exc:
+            if (exc.status is not None and exc.status < 500) or n == tries - 1:
+                raise
+            delay = min(0.25 * 2**n, 4.0) * (0.5 + random.random())
+            log.warning("agent call failed; retrying", extra={"error": str(exc), "retry_in": round(delay, 2)})
+            await asyncio.sleep(delay)
+
+
+async def _quietly(coro) -> None:  # type: ignore[no-untyped-def]
+    try:
+        await coro
+    except AgentError:
+        pass

@@ -1,0 +1,31 @@
+"""Errors a command raises when the caller asked for something wrong. The API maps them to
+4xx answers (DESIGN §5); the message names what was wrong, ``detail`` is JSON-able."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CommandError(Exception):
+    status = 400
+
+    def __init__(self, message: str, detail: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+class Invalid(CommandError):
+    status = 400
+
+
+class NotFound(CommandError):
+    status = 404
+
+
+class Conflict(CommandError):
+    status = 409
+
+
+class TooLarge(CommandError):
+    status = 413

@@ -1,0 +1,23 @@
+"""Names of kinds, operators, machines and runs are DNS-1123 labels: the rule Kubernetes applies
+to object names. That makes them safe as NATS subject tokens, file names and Job name parts."""
+
+from __future__ import annotations
+
+import re
+
+DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+MAX_LABEL = 63
+
+
+def is_dns1123_label(name: str) -> bool:
+    return isinstance(name, str) and len(name) <= MAX_LABEL and bool(DNS1123_LABEL.match(name))
+
+
+def check_dns1123_label(name: str) -> str:
+    """Pydantic validator body: raise ValueError with the rule spelled out."""
+    if not is_dns1123_label(name):
+        raise ValueError(
+            f"{name!r} is not a DNS-1123 label (lower-case letters, digits and '-', "
+            f"starting and ending with a letter or digit, at most {MAX_LABEL} characters)"
+        )
+    return name

@@ -1,0 +1,108 @@
+"""A run's state folded from its own events: what the API decides commands from, what the
+solver schedules from and what an executor checks before it starts or finishes a step.
+
+``version`` is the stream sequence of the last event folded; appends decided from this state
+pass it as ``expected_run_seq``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal
+
+from .events import (
+    DataUnitAdded, Event, RunCompleted, RunCreated, RunDeleted, RunStarted, RunTerminated,
+    RunTerminationRequested, StepAttemptFailed, StepCancelled, StepFailed, StepScheduled,
+    StepStarted, StepSucceeded, StoredEvent,
+)
+
+RunStatus = Literal["created", "running", "complete", "terminated", "deleted"]
+StepStatus = Literal["created", "running", "success", "failure", "cancelled"]
+FINISHED: tuple[StepStatus, ...] = ("success", "failure", "cancelled")
+
+
+@dataclass
+class StepState:
+    scheduled: StepScheduled
+    status: StepStatus = "created"
+    attempt: int = 0
+    started: StepStarted | None = None
+    error: str | None = None
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+@dataclass
+class RunState:
+    run_id: str
+    status: RunStatus | None = None
+    version: int = 0
+    units: dict[str, DataUnitAdded] = field(default_factory=dict)
+    steps: dict[str, StepState] = field(default_factory=dict)
+    params: dict[str, dict[str, str]] = field(default_factory=dict)
+    max_parallel: int = 8
+    started: bool = False
+    termination: RunTerminationRequested | None = None
+    terminated_final: bool = False
+    active: int = 0  # steps scheduled and not finished
+
+    @property
+    def exists(self) -> bool:
+        return self.status is not None and self.status != "deleted"
+
+    @classmethod
+    def from_events(cls, run_id: str, events: Iterable[StoredEvent]) -> "RunState":
+        state = cls(run_id)
+        for stored in events:
+            state.apply(stored.event, stored.seq)
+        return state
+
+    def apply(self, event: Event, seq: int) -> None:
+        self.version = max(self.version, seq)
+        match event:
+            case RunCreated():
+                self.status = "created"
+            case DataUnitAdded():
+                self.units[event.unit_id] = event
+                if self.status == "complete":
+                    self.status = "running"
+            case RunStarted():
+                self.started = True
+                self.params = event.param_pool
+                self.max_parallel = event.max_parallel
+                self.status = "running"
+            case StepScheduled():
+                if event.step_id not in self.steps:
+                    self.steps[event.step_id] = StepState(event)
+                    self.active += 1
+            case StepStarted():
+                step = self.steps.get(event.step_id)
+                if step and not step.finished:
+                    step.status, step.attempt, step.started = "running", event.attempt, event
+            case StepAttemptFailed():
+                step = self.steps.get(event.step_id)
+                if step:
+                    step.error = event.error
+            case StepSucceeded() | StepFailed() | StepCancelled():
+                step = self.steps.get(event.step_id)
+                if step and not step.finished:
+                    self.active -= 1
+                    if isinstance(event, StepSucceeded):
+                        step.status, step.outputs, step.error = "success", event.outputs, None
+                    elif isinstance(event, StepFailed):
+                        step.status, step.error = "failure", event.error
+                    else:
+                        step.status, step.error = "cancelled", event.reason
+            case RunTerminationRequested():
+                self.termination = event
+                self.status = "terminated"
+            case RunTerminated():
+                self.terminated_final = True
+                self.status = "terminated"
+            case RunCompleted():
+                self.status = "complete"
+            case RunDeleted():
+                self.status = "deleted"

@@ -1,0 +1,238 @@
+"""The solver: turns data in a run's pool into scheduled steps (DESIGN §4 semantics).
+
+It follows the registry and run subjects from sequence 1 in order, folds every live run, and,
+whenever it has caught up with the stream, decides for each run touched since: schedule input
+sets up to the run's concurrency limit, complete a run that has nothing left, finish a
+termination. Every decision is appended with the run's version as the expected last sequence, so
+a decision made from stale state is refused by JetStream and simply made again when the newer
+event arrives. Step ids are derived from (run, operator, input map), so two replicas deciding the
+same thing append one event.
+
+Input sets are found incrementally: a new unit only forms sets that contain it, with the other
+slots filled from units that arrived before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .events import (
+    DataUnitAdded, Event, RunCompleted, RunDeleted, RunEvent, RunStarted, RunTerminated,
+    RunTerminationRequested, StepInput, StepScheduled, StoredEvent,
+)
+from .registry import Registry
+from .runstate import RunState
+from .store import ConcurrencyConflict, EventStore
+
+log = logging.getLogger("mlynar.solver")
+
+InputMap = tuple[tuple[str, str], ...]  # ((fileLocationEnv, unit_id), ...) in spec order
+
+
+def step_id_for(run_id: str, operator: str, inputs: InputMap) -> str:
+    """Deterministic: the same fact gives the same id on every replica and every replay."""
+    key = json.dumps([run_id, operator, sorted(inputs)], separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+@dataclass
+class SolverRun:
+    """A run as the solver sees it: the shared fold plus the candidates and waiting input sets."""
+
+    state: RunState
+    # eligible[(operator, kind)] = unit ids of that kind whose ancestors lack the operator, in
+    # arrival order: the candidates of every input of that kind
+    eligible: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    pending: "OrderedDict[str, tuple[str, InputMap]]" = field(default_factory=OrderedDict)
+    awaiting_seq: int = 0  # our own appends not folded back yet: don't decide before they are
+
+    def apply(self, event: Event, seq: int, registry: Registry) -> None:
+        was_started = self.state.started
+        self.state.apply(event, seq)
+        match event:
+            case DataUnitAdded():
+                new_sets = self._add_unit(event, registry)
+                if self.state.started:
+                    self._queue(new_sets)
+            case RunStarted() if not was_started:
+                self._queue(self._all_sets(registry))
+            case StepScheduled():
+                self.pending.pop(event.step_id, None)
+
+    def _add_unit(self, unit: DataUnitAdded, registry: Registry) -> list[tuple[str, InputMap]]:
+        sets: list[tuple[str, InputMap]] = []
+        for op in registry.consumers.get(unit.data_kind, ()):
+            if op in unit.ancestors:
+                continue
+            spec, _ = registry.operators[op]
+            slots = [(i.fileLocationEnv, i.dataKind) for i in spec.inputs]
+            # sets with the new unit in slot k, other slots from earlier units
+            for k, (_, kind) in enumerate(slots):
+                if kind != unit.data_kind:
+                    continue
+                choices = [
+                    [unit.unit_id] if j == k else self._candidates(op, slot_kind, unit.unit_id)
+                    for j, (_, slot_kind) in enumerate(slots)
+                ]
+                sets.extend(self._combine(op, slots, choices))
+            self._candidates(op, unit.data_kind, unit.unit_id).append(unit.unit_id)
+        return sets
+
+    def _candidates(self, op: str, kind: str, exclude: str | None = None) -> list[str]:
+        """Built on first use from the pool so far, so an operator declared mid-run still
+        pairs new units with earlier ones; kept up to date by ``_add_unit`` afterwards."""
+        found = self.eligible.get((op, kind))
+        if found is None:
+            found = self.eligible[(op, kind)] = [
+                u.unit_id for u in self.state.units.values()
+                if u.data_kind == kind and op not in u.ancestors and u.unit_id != exclude
+            ]
+        return found
+
+    def _all_sets(self, registry: Registry) -> list[tuple[str, InputMap]]:
+        sets: list[tuple[str, InputMap]] = []
+        for op in sorted(registry.operators):
+            spec, _ = registry.operators[op]
+            slots = [(i.fileLocationEnv, i.dataKind) for i in spec.inputs]
+            choices = [self._candidates(op, kind) for _, kind in slots]
+            sets.extend(self._combine(op, slots, choices))
+        return sets
+
+    @staticmethod
+    def _combine(op: str, slots: list[tuple[str, str]], choices: list[list[str]]) -> list[tuple[str, InputMap]]:
+        out = []
+        for combo in itertools.product(*choices):
+            if len(set(combo)) == len(combo):  # never the same unit twice in one set
+                out.append((op, tuple((env, uid) for (env, _), uid in zip(slots, combo))))
+        return out
+
+    def _queue(self, sets: list[tuple[str, InputMap]]) -> None:
+        for op, inputs in sets:
+            sid = step_id_for(self.state.run_id, op, inputs)
+            if sid not in self.state.steps and sid not in self.pending:
+                self.pending[sid] = (op, inputs)
+
+
+def build_step(run: RunState, registry: Registry, step_id: str, op: str, inputs: InputMap) -> StepScheduled:
+    """The full step as the executor needs it: spec snapshot, inputs and environment."""
+    spec, revision = registry.operators[op]
+    params = run.params.get(op, {})
+    env = {c.name: c.value for c in spec.constantEnv}
+    env.update({c.name: params.get(c.name, c.defaultValue) for c in spec.configurableEnv})
+    units = [run.units[uid] for _, uid in inputs]
+    ancestors = sorted({a for u in units for a in u.ancestors} | {op})
+    return StepScheduled(
+        run_id=run.run_id, step_id=step_id, operator=op, revision=revision, spec=spec,
+        inputs=[StepInput(env=env_name, unit_id=u.unit_id, data_kind=u.data_kind, blob=u.blob, filename=u.filename)
+                for (env_name, _), u in zip(inputs, units)],
+        env=env, ancestors=ancestors,
+    )
+
+
+class Solver:
+    ACTOR = "solver"
+    DECIDE_EVERY = 512  # events folded while behind before deciding anyway
+
+    def __init__(self, store: EventStore, *, max_steps_per_run: int = 10_000) -> None:
+        self.store = store
+        self.max_steps = max_steps_per_run
+        self.registry = Registry()
+        self.runs: dict[str, SolverRun] = {}
+        self.dirty: set[str] = set()
+        self.caught_up = asyncio.Event()
+        self.decisions = 0
+
+    async def run(self) -> None:
+        sub = await self.store.subscribe(["mlynar.run.>", "mlynar.datakind.>", "mlynar.operator.>"])
+        if sub.start_head == 0:
+            self.caught_up.set()
+        since_decide = 0
+        try:
+            async for stored in sub:
+                self.fold(stored)
+                since_decide += 1
+                if sub.pending == 0 or since_decide >= self.DECIDE_EVERY:
+                    if stored.seq >= sub.start_head:
+                        self.caught_up.set()
+                    if self.caught_up.is_set():
+                        since_decide = 0
+                        await self.decide_dirty()
+        finally:
+            await sub.close()
+
+    def fold(self, stored: StoredEvent) -> None:
+        event = stored.event
+        if self.registry.apply(event, stored.seq) or not isinstance(event, RunEvent):
+            return
+        if isinstance(event, RunDeleted):
+            self.runs.pop(event.run_id, None)
+            self.dirty.discard(event.run_id)
+            return
+        run = self.runs.get(event.run_id)
+        if run is None:
+            run = self.runs[event.run_id] = SolverRun(RunState(event.run_id))
+        run.apply(event, stored.seq, self.registry)
+        self.dirty.add(event.run_id)
+
+    async def decide_dirty(self) -> None:
+        dirty, self.dirty = self.dirty, set()
+        for run_id in dirty:
+            run = self.runs.get(run_id)
+            if run is None:
+                continue
+            if run.state.version < run.awaiting_seq:
+                self.dirty.add(run_id)  # our own appends are still on their way back
+                continue
+            try:
+                await self.decide(run)
+            except ConcurrencyConflict:
+                log.debug("run moved on; deciding again when its events arrive", extra={"run_id": run_id})
+
+    async def decide(self, run: SolverRun) -> None:
+        s = run.state
+        expected = s.version
+
+        async def append(event: Event, msg_id: str) -> None:
+            nonlocal expected
+            ack = await self.store.append(event, actor=self.ACTOR, msg_id=msg_id, expected_seq=expected)
+            expected = ack.seq
+            run.awaiting_seq = max(run.awaiting_seq, ack.seq)
+            self.decisions += 1
+
+        if s.status == "terminated":
+            if not s.terminated_final and s.active == 0:
+                reason = s.termination.reason if s.termination else "terminated"
+                await append(RunTerminated(run_id=s.run_id, reason=reason), f"{s.run_id}:terminated:{s.version}")
+            return
+        if s.status != "running":
+            return
+        if len(s.steps) + len(run.pending) > self.max_steps:
+            reason = (f"run would exceed --max-steps-per-run={self.max_steps} "
+                      f"({len(s.steps)} scheduled, {len(run.pending)} more waiting)")
+            log.warning("terminating runaway run", extra={"run_id": s.run_id, "reason": reason})
+            await append(RunTerminationRequested(run_id=s.run_id, cancel=False, reason=reason),
+                         f"{s.run_id}:runaway")
+            return
+        started = time.perf_counter()
+        scheduled = 0
+        while run.pending and s.active + scheduled < s.max_parallel:
+            step_id, (op, inputs) = next(iter(run.pending.items()))
+            if op not in self.registry.operators:  # deleted since: drop the set
+                run.pending.pop(step_id)
+                continue
+            await append(build_step(s, self.registry, step_id, op, inputs), f"step:{step_id}")
+            run.pending.pop(step_id)
+            scheduled += 1
+        if scheduled:
+            log.info("scheduled steps", extra={"run_id": s.run_id, "count": scheduled,
+                                                "ms": round((time.perf_counter() - started) * 1000, 2)})
+        elif not run.pending and s.active == 0:
+            await append(RunCompleted(run_id=s.run_id), f"{s.run_id}:complete:{s.version}")
+            log.info("run complete", extra={"run_id": s.run_id})
