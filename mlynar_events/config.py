@@ -124,6 +124,18 @@ class ServeSettings(BaseModel):
         return self.db_path or self.data_dir / "projections.sqlite3"
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    h = host.strip().strip("[]")
+    if h.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
 ALL_ROLES = ("api", "projector", "solver", "executor", "crd-sync")
 
 

@@ -146,8 +146,20 @@ def load_documents(paths: Iterable[Path]) -> list[DataKindDocument | OperatorDoc
             for raw in yaml.safe_load_all(file.read_text()):
                 if raw is None:
                     continue
+                _resolve_relative_command(raw, file.parent)
                 try:
                     docs.append(parse_document(raw))
                 except SpecError as exc:
                     raise SpecError(f"{file}: {exc}", exc.detail) from None
     return docs
+
+
+def _resolve_relative_command(raw: Any, base: Path) -> None:
+    """In a file, ``spec.command`` arguments starting with ``./`` name files beside it."""
+    spec = raw.get("spec") if isinstance(raw, dict) else None
+    command = spec.get("command") if isinstance(spec, dict) else None
+    if isinstance(command, list):
+        spec["command"] = [
+            str((base / arg).resolve()) if isinstance(arg, str) and arg.startswith("./") else arg
+            for arg in command
+        ]

@@ -1,0 +1,110 @@
+"""``mlynar``: the one command. ``serve`` runs the service (all roles, or those of ``--roles``),
+``machine-agent`` runs the agent on a user's host, ``projections rebuild`` rebuilds the read views
+from the stream, ``example`` runs Mlynar's README example against a running service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from . import config, logs
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from .serve import ConfigError, Service, serve_forever
+
+    settings = config.serve_settings(ns)
+    logs.setup(settings.log_level, settings.log_format)
+
+    async def example(service: Service) -> None:
+        from .example import run_example
+
+        assert service.api_url is not None
+        await run_example(service.api_url, None)
+
+    try:
+        return asyncio.run(serve_forever(settings, example if ns.run_example else None))
+    except ConfigError as exc:
+        print(f"mlynar serve: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 0
+
+
+def _rebuild(ns: argparse.Namespace) -> int:
+    from projections.projector import rebuild
+
+    from .store import EventStore
+
+    settings = config.serve_settings(ns)
+    logs.setup(settings.log_level, settings.log_format)
+
+    async def main() -> int:
+        from .nats_server import EmbeddedNats
+
+        nats = None
+        url = settings.nats_url
+        if not url:
+            nats = EmbeddedNats(settings.data_dir / "nats")
+            url = await nats.start()
+        store = await EventStore.connect(url)
+        try:
+            def progress(seq: int, head: int) -> None:
+                print(f"\rrebuilt {seq}/{head} events", end="", file=sys.stderr, flush=True)
+
+            n = await rebuild(store, settings.resolved_db_path, progress)
+            print(f"\nrebuilt {settings.resolved_db_path} from {n} events", file=sys.stderr)
+            return 0
+        finally:
+            await store.close()
+            if nats:
+                await nats.stop()
+
+    return asyncio.run(main())
+
+
+def _example(ns: argparse.Namespace) -> int:
+    from .example import run_example
+
+    token = ns.api_token_file.read_text().strip() if ns.api_token_file else None
+    return asyncio.run(run_example(ns.url, token))
+
+
+def _agent(argv: list[str]) -> int:
+    from executors.agent.cli import main as agent_main
+
+    return agent_main(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlynar", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the service (embedded NATS unless --nats-url)")
+    config.add_serve_flags(serve)
+    serve.add_argument("--run-example", action="store_true",
+                       help="after start, run Mlynar's README example against this service and print the result")
+    serve.set_defaults(func=_serve)
+    sub.add_parser("machine-agent", help="run the machine agent (see 'mlynar machine-agent --help')", add_help=False)
+    proj = sub.add_parser("projections", help="projection maintenance")
+    proj_sub = proj.add_subparsers(dest="action", required=True)
+    rebuild = proj_sub.add_parser("rebuild", help="rebuild the read views from sequence 1 (service stopped)")
+    config.add_serve_flags(rebuild)
+    rebuild.set_defaults(func=_rebuild)
+    example = sub.add_parser("example", help="run Mlynar's README example against a running service")
+    config.flag(example, "--url", default="http://127.0.0.1:3000", help="the service's base URL")
+    config.flag(example, "--api-token-file", default=None, type=__import__("pathlib").Path, help="bearer token file")
+    example.set_defaults(func=_example)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["machine-agent"]:
+        return _agent(argv[1:])
+    ns = build_parser().parse_args(argv)
+    return ns.func(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
