@@ -1,0 +1,67 @@
+"""Shared fixtures: a real nats-server on a free loopback port, the event store on it, and a whole
+in-process service (API + projector + solver + executor + built-in agent) over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import aiohttp
+import pytest
+
+from mlynar_events.config import ServeSettings
+from mlynar_events.nats_server import EmbeddedNats
+from mlynar_events.serve import Service
+from mlynar_events.store import EventStore
+
+from support import Api, service_settings
+
+# tests run with no MLYNAR_* variable of the developer's shell leaking into settings
+for _k in [k for k in os.environ if k.startswith("MLYNAR_")]:
+    del os.environ[_k]
+
+
+@pytest.fixture
+async def nats_url(tmp_path: Path) -> AsyncIterator[str]:
+    server = EmbeddedNats(tmp_path / "nats")
+    url = await server.start()
+    try:
+        yield url
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def store(nats_url: str) -> AsyncIterator[EventStore]:
+    s = await EventStore.connect(nats_url)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def make_service(tmp_path: Path, nats_url: str) -> AsyncIterator[Callable[..., Awaitable[Api]]]:
+    """Start services (all stopped at teardown); keyword arguments override settings."""
+    started: list[tuple[Service, aiohttp.ClientSession]] = []
+
+    async def start(**overrides: Any) -> Api:
+        service = Service(service_settings(tmp_path, nats_url, **overrides))
+        await service.start()
+        http = aiohttp.ClientSession(service.api_url)
+        started.append((service, http))
+        return Api(http, service)
+
+    try:
+        yield start
+    finally:
+        for service, http in reversed(started):
+            await http.close()
+            await service.stop()
+
+
+@pytest.fixture
+async def api(make_service: Callable[..., Awaitable[Api]]) -> Api:
+    return await make_service()

@@ -1,0 +1,86 @@
+"""Helpers for tests: waiting on conditions, and a thin client of a running service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+
+from mlynar_events.config import ServeSettings
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+async def wait_until(predicate: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.02,
+                     what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    last: Any = None
+    while loop.time() < deadline:
+        last = await predicate()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+def service_settings(tmp_path: Path, nats_url: str | None, **overrides: Any) -> ServeSettings:
+    values: dict[str, Any] = dict(
+        data_dir=tmp_path / "data", nats_url=nats_url, port=0, registry=[EXAMPLES],
+        log_level="WARNING",
+    )
+    values.update(overrides)
+    return ServeSettings(**values)
+
+
+class Api:
+    """A thin client of a running service: JSON in, (status, JSON) out."""
+
+    def __init__(self, http: aiohttp.ClientSession, service: Any) -> None:
+        self.http = http
+        self.service = service
+
+    async def call(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with self.http.request(method, path, **kw) as r:
+            text = await r.text()
+            try:
+                import json
+
+                body = json.loads(text) if text else None
+            except ValueError:
+                body = text
+            return r.status, body
+
+    async def create_run(self) -> str:
+        status, body = await self.call("POST", "/api/run")
+        assert status == 201, body
+        return body["id"]
+
+    async def upload(self, run_id: str, kind: str, data: bytes, field: str = "file", filename: str = "data.json") -> tuple[int, Any]:
+        form = aiohttp.FormData()
+        form.add_field(field, data, filename=filename, content_type="application/octet-stream")
+        return await self.call("POST", f"/api/run/{run_id}/upload/{kind}", data=form)
+
+    async def run(self, run_id: str) -> dict[str, Any]:
+        status, body = await self.call("GET", f"/api/run/{run_id}")
+        assert status == 200, body
+        return body
+
+    async def wait_status(self, run_id: str, *statuses: str, timeout: float = 30.0) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            run = await self.run(run_id)
+            return run if run["status"] in statuses else None
+
+        return await wait_until(check, timeout, what=f"run {run_id} to be {statuses}")
+
+    async def content(self, url: str) -> bytes:
+        async with self.http.get(url) as r:
+            assert r.status == 200, await r.text()
+            return await r.read()
+
+
