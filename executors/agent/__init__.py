@@ -1,0 +1,21 @@
+"""The machine agent (``mlynar machine-agent``): a small aiohttp service on a user's host that
+runs steps, nothing else. See DESIGN.md section 3 and :mod:`executors.agent.app` for the protocol.
+
+Modules: :mod:`.models` (wire models), :mod:`.settings` (configuration), :mod:`.sandbox` (on-disk
+layout), :mod:`.runner` (process groups, timeouts, outputs), :mod:`.app` (HTTP API and
+:func:`start_agent`), :mod:`.cli` (flags and ``main``).
+"""
+
+from __future__ import annotations
+
+try:
+    from importlib.metadata import PackageNotFoundError, version as _dist_version
+
+    __version__ = _dist_version("mlynar-events")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+from .app import RunningAgent, start_agent  # noqa: E402
+from .settings import AgentConfigError, AgentSettings  # noqa: E402
+
+__all__ = ["AgentConfigError", "AgentSettings", "RunningAgent", "start_agent", "__version__"]

@@ -1,0 +1,7 @@
+"""``python -m executors.agent ...`` is ``mlynar machine-agent ...``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

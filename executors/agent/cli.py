@@ -1,0 +1,127 @@
+"""Command line of ``mlynar machine-agent`` (also ``python -m executors.agent``).
+
+Every flag has a ``MLYNAR_*`` environment variable of the same name (``--token-file`` <->
+``MLYNAR_TOKEN_FILE``); prefer ``MLYNAR_TOKEN`` or ``--token-file`` over ``--token`` so the token
+does not show up in the process list. ``MLYNAR_ALLOW`` is a comma-separated list of patterns."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from mlynar_events.config import flag, resolve_repeats
+
+from . import __version__
+from .app import start_agent
+from .settings import DEFAULT_MAX_INPUT_BYTES, DEFAULT_PORT, AgentConfigError, AgentSettings, default_max_parallel
+
+log = logging.getLogger("mlynar.agent")
+
+EXIT_CONFIG = 2
+
+
+def add_agent_flags(p: argparse.ArgumentParser) -> None:
+    flag(p, "--host", default="127.0.0.1", help="address to listen on")
+    flag(p, "--port", default=DEFAULT_PORT, type=int, help="port to listen on (0 picks a free one)")
+    flag(p, "--token", default=None, help="bearer token clients must send (prefer MLYNAR_TOKEN or --token-file)")
+    flag(p, "--token-file", default=None, type=Path, help="file holding the bearer token")
+    flag(p, "--insecure-no-auth", default=False, boolean=True,
+         help="run without a token; only accepted with a loopback --host")
+    flag(p, "--work-dir", default=Path(".mlynar-agent"), type=Path, help="where step sandboxes live")
+    flag(p, "--allow", type=str, repeat=True,
+         help="fnmatch pattern over the shell-quoted command line; when given, only matching commands run")
+    flag(p, "--max-parallel", default=default_max_parallel(), type=int, help="steps running at once (others queue)")
+    flag(p, "--result-ttl", default=3600.0, type=float,
+         help="seconds a finished step's sandbox is kept unless deleted earlier (<= 0: forever)")
+    flag(p, "--max-input-bytes", default=DEFAULT_MAX_INPUT_BYTES, type=int, help="largest accepted upload of one step (413 above)")
+    flag(p, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mlynar machine-agent",
+        description="Run Mlynar steps on this host for a Mlynar Events executor (protocol /v1).",
+    )
+    add_agent_flags(p)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
+    ns = resolve_repeats(ns)
+    if ns.max_parallel is not None and ns.max_parallel < 1:
+        raise AgentConfigError(f"--max-parallel must be at least 1, got {ns.max_parallel}")
+    if ns.max_input_bytes is not None and ns.max_input_bytes < 0:
+        raise AgentConfigError(f"--max-input-bytes must not be negative, got {ns.max_input_bytes}")
+    if not 0 <= ns.port <= 65535:
+        raise AgentConfigError(f"--port must be between 0 and 65535, got {ns.port}")
+    return AgentSettings(
+        host=ns.host,
+        port=ns.port,
+        token=ns.token or None,
+        token_file=ns.token_file,
+        insecure_no_auth=ns.insecure_no_auth,
+        work_dir=ns.work_dir,
+        allow=list(ns.allow or []),
+        max_parallel=ns.max_parallel,
+        result_ttl=ns.result_ttl,
+        max_input_bytes=ns.max_input_bytes,
+    )
+
+
+def _setup_logging(level: str) -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(
+            level=getattr(logging, level.upper(), logging.INFO),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def serve(settings: AgentSettings) -> int:
+    """Run an agent until SIGINT/SIGTERM; prints "mlynar machine-agent listening on URL" to stdout."""
+    agent = await start_agent(settings)
+    print(f"mlynar machine-agent listening on {agent.url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not the main thread
+            pass
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        await agent.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+    except (ValueError, TypeError) as e:  # a MLYNAR_* variable that does not parse
+        print(f"mlynar machine-agent: error: invalid MLYNAR_* environment variable: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return int(e.code or 0) if isinstance(e.code, int) else EXIT_CONFIG
+    _setup_logging(ns.log_level)
+    try:
+        settings = settings_from_args(ns)
+        return asyncio.run(serve(settings))
+    except AgentConfigError as e:
+        print(f"mlynar machine-agent: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as e:
+        print(f"mlynar machine-agent: error: cannot listen on {ns.host}:{ns.port}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,89 @@
+"""Settings of ``mlynar machine-agent`` (every field is also a CLI flag, see :mod:`.cli`)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+DEFAULT_PORT = 5555
+DEFAULT_MAX_INPUT_BYTES = 4 * 1024**3
+
+
+def default_max_parallel() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+class AgentConfigError(Exception):
+    """The settings do not allow the agent to start (the CLI exits with code 2)."""
+
+
+def is_loopback_host(host: str) -> bool:
+    """``127.0.0.0/8``, ``::1`` and ``localhost`` count as loopback; anything else (including
+    ``0.0.0.0`` and host names) does not."""
+    h = host.strip().strip("[]")
+    if h.lower() in {"localhost", "localhost.localdomain", "ip6-localhost"}:
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
+
+
+class AgentSettings(BaseModel):
+    """Configuration of one agent. Embed with :func:`executors.agent.start_agent`."""
+
+    model_config = ConfigDict(validate_assignment=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535, description="0 picks a free port")
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    insecure_no_auth: bool = False
+    work_dir: Path = Path(".mlynar-agent")
+    allow: list[str] = Field(default_factory=list, description="fnmatch patterns over shlex.join(argv)")
+    max_parallel: int = Field(default_factory=default_max_parallel, ge=1)
+    result_ttl: float = Field(default=3600.0, description="seconds a finished step is kept; <= 0 keeps it forever")
+    max_input_bytes: int = Field(default=DEFAULT_MAX_INPUT_BYTES, ge=0)
+    max_manifest_bytes: int = Field(default=1024**2, ge=1)
+    kill_grace: float = Field(default=5.0, ge=0, description="seconds between SIGTERM and SIGKILL on timeout")
+
+    def resolve_token(self) -> str | None:
+        """The bearer token, from ``token`` or ``token_file``; ``None`` only when running without
+        auth is allowed. Raises :class:`AgentConfigError` with a message for the user otherwise."""
+        if self.token is not None and self.token_file is not None:
+            raise AgentConfigError("give either --token or --token-file, not both")
+        token: str | None = None
+        if self.token is not None:
+            token = self.token.get_secret_value().strip()
+            if not token:
+                raise AgentConfigError("--token is empty")
+        elif self.token_file is not None:
+            try:
+                token = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as e:
+                raise AgentConfigError(f"cannot read --token-file {str(self.token_file)!r}: {e.strerror or e}") from e
+            except UnicodeDecodeError as e:
+                raise AgentConfigError(f"--token-file {str(self.token_file)!r} is not UTF-8 text") from e
+            if not token:
+                raise AgentConfigError(f"--token-file {str(self.token_file)!r} is empty")
+        if token is not None:
+            return token
+        if not self.insecure_no_auth:
+            raise AgentConfigError(
+                "refusing to start without a bearer token: give --token or --token-file "
+                "(or MLYNAR_TOKEN / MLYNAR_TOKEN_FILE); --insecure-no-auth allows running without "
+                "one on a loopback --host only"
+            )
+        if not is_loopback_host(self.host):
+            raise AgentConfigError(
+                f"refusing to start without a bearer token on non-loopback --host {self.host!r}: "
+                "--insecure-no-auth is only accepted with a loopback host (127.0.0.1, ::1, localhost); "
+                "give --token or --token-file"
+            )
+        return None
