@@ -159,7 +159,9 @@ class Solver:
                 self.fold(stored)
                 since_decide += 1
                 if sub.pending == 0 or since_decide >= self.DECIDE_EVERY:
-                    if stored.seq >= sub.start_head:
+                    # caught up: nothing we follow is left (the stream's head itself may be an
+                    # event we don't follow, e.g. a machine's, so its sequence is never seen)
+                    if sub.pending == 0 or stored.seq >= sub.start_head:
                         self.caught_up.set()
                     if self.caught_up.is_set():
                         since_decide = 0
