@@ -9,7 +9,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel
 
-from . import machines, registry, runs
+from . import machines, registry, returns, runs
 from .context import ctx
 from .models import (
     Declared, Deleted, DataKindOut, DataUnitOut, Health, MachineCheck, MachineIn, MachineOut,
@@ -61,6 +61,13 @@ ROUTES: list[Route] = [
     Route("GET", RUN + "/steps/{step_id}", runs.get_step, "One step with its attempts", errors=(404,)),
     Route("GET", RUN + "/steps/{step_id}/logs", runs.step_logs, "A step's logs (latest attempt)",
           errors=(404,), query=(("attempt", "integer"),)),
+    Route("GET", RUN + "/returns/{step_id}/inputs/{index}", returns.get_input,
+          "A running Kubernetes step fetches an input (step credential)", errors=(401, 403, 404, 409),
+          query=(("attempt", "integer"),)),
+    Route("POST", RUN + "/returns/{step_id}/{data_kind}", returns.return_output,
+          "A running Kubernetes step returns an output (step credential)", body="application/octet-stream",
+          errors=(400, 401, 403, 404, 409, 413),
+          query=(("attempt", "integer"), ("index", "integer"), ("filename", "string"))),
     Route("GET", "/static/{run_id}/data/{unit_id}", runs.unit_data, "A data unit's bytes", errors=(404,)),
     Route("GET", "/api/data-kinds", registry.list_data_kinds, "Declared data kinds", response=list[DataKindOut]),
     Route("POST", "/api/data-kinds", registry.declare_data_kind, "Declare a DataKind document",

@@ -146,6 +146,20 @@ class StepStarted(RunEvent):
     external_id: str  # the agent's step id or the Job name: what a re-attach looks for
 
 
+class StepOutputReturned(RunEvent):
+    """A Kubernetes step's wrapper returned output ``index`` of ``attempt`` to the API; the bytes
+    are in ``blob``. The executor turns these into ``DataUnitAdded`` when the Job succeeds."""
+
+    step_id: str
+    attempt: int
+    index: int
+    data_kind: str
+    blob: str
+    size: int
+    sha256: str
+    filename: str = "data"
+
+
 class StepAttemptFailed(RunEvent):
     step_id: str
     attempt: int
@@ -195,7 +209,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     for cls in (
         DataKindDeclared, DataKindDeleted, OperatorDeclared, OperatorDeleted,
         MachineRegistered, MachineUpdated, MachineDeleted,
-        RunCreated, DataUnitAdded, RunStarted, StepScheduled, StepStarted, StepAttemptFailed,
+        RunCreated, DataUnitAdded, RunStarted, StepScheduled, StepStarted, StepOutputReturned, StepAttemptFailed,
         StepSucceeded, StepFailed, StepCancelled, RunTerminationRequested, RunTerminated,
         RunCompleted, RunDeleted,
     )

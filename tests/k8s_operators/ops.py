@@ -1,0 +1,58 @@
+"""Operators for the Kubernetes executor tests, run by the stand-in's ``test/python`` image:
+``python ops.py <name>`` with the step environment of DESIGN §4 (inputs in ``<fileLocationEnv>``,
+outputs into ``$MLYNAR_OUTPUT_DIR`` with ``mlynar-out.json``)."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def read(env):
+    return json.loads(Path(os.environ[env]).read_text())
+
+
+def write(*outputs):
+    out = Path(os.environ["MLYNAR_OUTPUT_DIR"])
+    manifest = []
+    for kind, name, value in outputs:
+        (out / name).write_text(json.dumps(value, separators=(",", ":")))
+        manifest.append({"dataKind": kind, "file": name})
+    (out / "mlynar-out.json").write_text(json.dumps({"outputs": manifest}))
+
+
+def num(x):
+    return int(x) if float(x).is_integer() else x
+
+
+m = float(os.environ.get("MULTIPLY_BY", "1"))
+op = sys.argv[1]
+print(f"operator {op} starting; SOME_ENV_VAR={os.environ.get('SOME_ENV_VAR')}", flush=True)
+if op == "sum":
+    values = read("INPUT_ARRAY")
+    write(("number-array-sum-json", "sum.json", {"sum": num(sum(values) * m)}))
+elif op == "length":
+    write(("number-array-length-json", "length.json", {"length": num(len(read("INPUT_ARRAY")) * m)}))
+elif op == "average":
+    s, n = read("INPUT_SUM")["sum"], read("INPUT_LENGTH")["length"]
+    write(("number-array-average-json", "average.json", {"average": num(s / n * m)}))
+elif op == "fail":
+    print("something went badly wrong in the operator", file=sys.stderr, flush=True)
+    sys.exit(3)
+elif op == "wrong-kind":
+    write(("number-array-json", "x.json", [1]))
+elif op == "no-manifest":
+    pass
+elif op == "escape":
+    out = Path(os.environ["MLYNAR_OUTPUT_DIR"])
+    (out / "mlynar-out.json").write_text(json.dumps({"outputs": [{"dataKind": "number-array-sum-json", "file": "../../etc.json"}]}))
+elif op == "gate":
+    # waits until the test creates the gate file, then behaves like sum
+    gate = Path(sys.argv[2])
+    while not gate.exists():
+        time.sleep(0.05)
+    values = read("INPUT_ARRAY")
+    write(("number-array-sum-json", "sum.json", {"sum": num(sum(values) * m)}))
+else:
+    sys.exit(f"unknown test operator {op}")

@@ -1,0 +1,382 @@
+"""The Kubernetes executor end to end against the Kubernetes API stand-in (tests/kube_fake.py):
+the real service (API, solver, executor) configured by a kubeconfig, the real wrapper running the
+download/upload containers against the real API, operators as ``test/python`` images."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import aiohttp
+import pytest
+import yaml
+
+from executors.kubernetes.manifests import job_name
+from executors.worker import DURABLE
+from kube_fake import FakeKube
+from mlynar_events import credentials
+from mlynar_events.events import STREAM
+from mlynar_events.secrets import SecretStore
+from mlynar_events.serve import Service
+from support import EXAMPLES, Api, service_settings, wait_until
+
+OPS = Path(__file__).resolve().parent / "k8s_operators" / "ops.py"
+NS = "mlynar"
+README_PARAMS = {op: [{"name": "MULTIPLY_BY", "defaultValue": "1", "value": v}]
+                 for op, v in (("length", "3"), ("sum", "5"), ("average", "2"))}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def operator(name: str, op: str | None = None, *, image: str = "test/python", inputs: list[tuple[str, str]] | None = None,
+             outputs: list[str] | None = None, args: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "image": image,
+        "args": args if args is not None else [str(OPS), op or name],
+        "inputs": [{"fileLocationEnv": env, "dataKind": kind} for env, kind in (inputs or [("INPUT_FILE", "fail-input")])],
+        "possibleOutputKinds": outputs or [],
+        **extra,
+    }
+    return {"apiVersion": "mlynar.dev/v1alpha1", "kind": "Operator", "metadata": {"name": name}, "spec": spec}
+
+
+def readme_operators() -> list[dict[str, Any]]:
+    arr = [("INPUT_ARRAY", "number-array-json")]
+    mult = [{"name": "MULTIPLY_BY", "defaultValue": "1"}]
+    return [
+        operator("sum", inputs=arr, outputs=["number-array-sum-json"], configurableEnv=mult,
+                 constantEnv=[{"name": "SOME_ENV_VAR", "value": "SOME_VALUE"}], timeoutSeconds=60),
+        operator("length", inputs=arr, outputs=["number-array-length-json"], configurableEnv=mult),
+        operator("average", inputs=[("INPUT_SUM", "number-array-sum-json"), ("INPUT_LENGTH", "number-array-length-json")],
+                 outputs=["number-array-average-json"], configurableEnv=mult,
+                 resources={"requests": {"cpu": "100m"}, "limits": {"memory": "128Mi"}}),
+    ]
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
+    f = FakeKube(tmp_path / "kube", namespace=NS)
+    await f.start()
+    try:
+        yield f
+    finally:
+        await f.stop()
+
+
+@pytest.fixture
+def kube_settings(fake: FakeKube, tmp_path: Path) -> dict[str, Any]:
+    registry = tmp_path / "k8s-operators.yaml"
+    registry.write_text(yaml.safe_dump_all(readme_operators()))
+    port = free_port()
+    return dict(kube_config=fake.kubeconfig(tmp_path / "kubeconfig"), kube_namespace=NS,
+                kube_wrapper_image=fake.wrapper_image, kube_api_url=f"http://127.0.0.1:{port}", port=port,
+                registry=[EXAMPLES / "datakinds.yaml", registry], local_machine=False)
+
+
+@pytest.fixture
+async def kube(fake: FakeKube, make_service, kube_settings):  # type: ignore[no-untyped-def]
+    async def start(**overrides: Any) -> Api:
+        return await make_service(**{**kube_settings, **overrides})
+    return start
+
+
+async def declare(api: Api, doc: dict[str, Any]) -> None:
+    status, body = await api.call("POST", "/api/operators", json=doc)
+    assert status in {200, 201}, body
+
+
+async def one_step_run(api: Api, kind: str = "fail-input", data: bytes = b"x") -> tuple[str, dict[str, Any]]:
+    run_id = await api.create_run()
+    status, body = await api.upload(run_id, kind, data)
+    assert status == 201, body
+    status, body = await api.call("POST", f"/api/run/{run_id}/run", json={})
+    assert status == 200, body
+    return run_id, body
+
+
+async def wait_step(api: Api, run_id: str, *statuses: str, timeout: float = 20.0) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        run = await api.run(run_id)
+        return next((s for s in run["steps"] if s["status"] in statuses), None)
+
+    return await wait_until(check, timeout, what=f"a step of {run_id} to be {statuses}")
+
+
+def job_objects_gone(fake: FakeKube) -> bool:
+    return not (fake.list("jobs") or fake.list("pods") or fake.list("persistentvolumeclaims") or fake.list("secrets"))
+
+
+def first_version(fake: FakeKube, plural: str, name: str) -> dict[str, Any]:
+    return next(obj for _, key, kind, obj in fake.events if key[1] == plural and key[3] == name and kind == "ADDED")
+
+
+async def operator_running(fake: FakeKube) -> dict[str, Any] | None:
+    for pod in fake.list("pods"):
+        for st in pod["status"].get("initContainerStatuses", []):
+            if st["name"] == "operator" and "running" in st["state"]:
+                return pod
+    return None
+
+
+# ---- success --------------------------------------------------------------------------------------
+
+
+async def test_mlynar_readme_flow_runs_as_jobs(kube, fake: FakeKube) -> None:
+    api = await kube()
+    run_id = await api.create_run()
+    status, unit = await api.upload(run_id, "number-array-json", b"[1,2,3,4,5]", filename="numbers.json")
+    assert status == 201, unit
+    status, body = await api.call("POST", f"/api/run/{run_id}/run", json=README_PARAMS)
+    assert status == 200, body
+    run = await api.wait_status(run_id, "complete", "terminated", timeout=40)
+    assert run["status"] == "complete"
+    assert {s["operator"]: s["status"] for s in run["steps"]} == {"sum": "success", "length": "success", "average": "success"}
+    average = next(u for u in run["dataPool"] if u["dataKind"] == "number-array-average-json")
+    assert await api.content(average["url"]) == b'{"average":10}'
+    assert sorted(average["ancestors"]) == ["average", "length", "sum"]
+
+    # one Job, PVC and Secret per step, named after the step, all cleaned up afterwards
+    steps = {s["operator"]: s for s in run["steps"]}
+    assert {name for (plural, name) in fake.created if plural == "jobs"} == {s["jobName"] for s in run["steps"]}
+    assert all(n == 1 for n in fake.created.values())
+    assert {name for (plural, name) in fake.created if plural == "persistentvolumeclaims"} == {s["pvcName"] for s in run["steps"]}
+    await wait_until(lambda: _async(job_objects_gone(fake)), what="jobs, pods, PVCs and secrets to be deleted")
+    job_deletes = [q for m, p, q in fake.requests if m == "DELETE" and "/jobs/" in p]
+    assert job_deletes and all("propagationPolicy=Background" in q for q in job_deletes)
+
+    # the Job as created: labels, backoffLimit, deadline, the three containers, env order, volume
+    sum_step = steps["sum"]
+    job = first_version(fake, "jobs", sum_step["jobName"])
+    labels = job["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "mlynar"
+    assert labels["mlynar.dev/run"] == run_id and labels["mlynar.dev/step"] == sum_step["id"]
+    assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 60
+    pod_spec = job["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod_spec["initContainers"]] == ["download", "operator"]
+    assert [c["name"] for c in pod_spec["containers"]] == ["upload"]
+    assert pod_spec["initContainers"][0]["image"] == fake.wrapper_image
+    assert pod_spec["initContainers"][0]["command"] == ["python", "-m", "executors.kubernetes.wrapper", "download"]
+    op = pod_spec["initContainers"][1]
+    assert op["image"] == "test/python" and op["args"] == [str(OPS), "sum"]
+    assert [e["name"] for e in op["env"]] == ["SOME_ENV_VAR", "MULTIPLY_BY", "INPUT_ARRAY", "MLYNAR_OUTPUT_DIR"]
+    env = {e["name"]: e["value"] for e in op["env"]}
+    assert env["MULTIPLY_BY"] == "5" and env["INPUT_ARRAY"] == "/mlynar/inputs/0/numbers.json"
+    assert not any("CREDENTIAL" in e["name"] for e in op["env"]), "the operator never sees the step credential"
+    assert pod_spec["volumes"] == [{"name": "work", "persistentVolumeClaim": {"claimName": sum_step["pvcName"]}}]
+    upload_env = {e["name"]: e for e in pod_spec["containers"][0]["env"]}
+    assert upload_env["MLYNAR_STEP_CREDENTIAL"]["valueFrom"]["secretKeyRef"]["name"] == f"{sum_step['jobName']}-cred"
+    average_job = first_version(fake, "jobs", steps["average"]["jobName"])
+    assert average_job["spec"]["template"]["spec"]["initContainers"][1]["resources"] == {
+        "requests": {"cpu": "100m"}, "limits": {"memory": "128Mi"}}
+    assert "activeDeadlineSeconds" not in average_job["spec"]
+    pvc = first_version(fake, "persistentvolumeclaims", sum_step["pvcName"])
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi"
+
+    # the operator's own output is the step log
+    status, logs = await api.call("GET", f"/api/run/{run_id}/steps/{sum_step['id']}/logs")
+    assert status == 200
+    assert "operator sum starting; SOME_ENV_VAR=SOME_VALUE" in logs
+    assert "returned 1 output(s)" in logs
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def test_storage_class_and_pvc_size_from_settings(kube, fake: FakeKube) -> None:
+    api = await kube(kube_storage_class="fast-ssd", kube_pvc_size="5Gi")
+    await declare(api, operator("noop", "no-manifest"))
+    run_id, _ = await one_step_run(api)
+    step = await wait_step(api, run_id, "success", "failure")
+    pvc = first_version(fake, "persistentvolumeclaims", step["pvcName"])
+    assert pvc["spec"]["storageClassName"] == "fast-ssd"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+
+
+# ---- failures ------------------------------------------------------------------------------------
+
+
+async def test_operator_failure_shows_exit_code_and_logs(kube, fake: FakeKube) -> None:
+    api = await kube()
+    await declare(api, operator("breaks", "fail"))
+    run_id, _ = await one_step_run(api)
+    step = await wait_step(api, run_id, "failure")
+    assert "operator container exited with code 3" in step["error"]
+    assert "something went badly wrong" in step["error"]
+    status, logs = await api.call("GET", f"/api/run/{run_id}/steps/{step['id']}/logs")
+    assert status == 200 and "something went badly wrong in the operator" in logs
+    await wait_until(lambda: _async(job_objects_gone(fake)), what="the failed job to be deleted")
+
+
+async def test_keep_failed_jobs(kube, fake: FakeKube) -> None:
+    api = await kube(kube_keep_failed_jobs=True)
+    await declare(api, operator("breaks", "fail"))
+    run_id, _ = await one_step_run(api)
+    step = await wait_step(api, run_id, "failure")
+    assert fake.get("jobs", step["jobName"]) is not None
+    assert fake.get("persistentvolumeclaims", step["pvcName"]) is not None
+
+
+@pytest.mark.parametrize("op, message", [
+    ("wrong-kind", "data kind 'number-array-json' is not in the operator's possibleOutputKinds"),
+    ("no-manifest-kind", "mlynar-out.json is missing"),
+    ("escape", "lies outside the output directory"),
+])
+async def test_bad_output_manifest_fails_the_upload_container(kube, op: str, message: str) -> None:
+    api = await kube()
+    script = "no-manifest" if op == "no-manifest-kind" else op
+    # no-manifest with an output kind declared: the manifest is required
+    await declare(api, operator(op, script, outputs=["number-array-sum-json"]))
+    run_id, _ = await one_step_run(api)
+    step = await wait_step(api, run_id, "failure")
+    assert "output upload (wrapper container 'upload') exited with code 1" in step["error"]
+    assert message in step["error"]
+
+
+async def test_image_pull_failure_names_the_image(kube, fake: FakeKube) -> None:
+    api = await kube()
+    await declare(api, operator("ghost", image="missing/image:1.2"))
+    run_id, _ = await one_step_run(api)
+    step = await wait_step(api, run_id, "failure")
+    assert "'missing/image:1.2'" in step["error"]
+    assert "ImagePullBackOff" in step["error"] or "ErrImagePull" in step["error"]
+    await wait_until(lambda: _async(job_objects_gone(fake)), what="the job to be deleted")
+
+
+async def test_deadline_exceeded(kube) -> None:
+    api = await kube()
+    await declare(api, operator("slow", image="test/sleep", args=[], timeoutSeconds=1))
+    run_id, _ = await one_step_run(api)
+    step = await wait_step(api, run_id, "failure")
+    assert "timeoutSeconds (1s)" in step["error"] and "DeadlineExceeded" in step["error"]
+
+
+async def test_oom_killed(kube) -> None:
+    api = await kube()
+    await declare(api, operator("hungry", image="test/oom", args=[], resources={"limits": {"memory": "64Mi"}}))
+    run_id, _ = await one_step_run(api)
+    step = await wait_step(api, run_id, "failure")
+    assert "OOMKilled" in step["error"] and "64Mi" in step["error"] and "out of memory" in step["error"]
+
+
+@pytest.mark.parametrize("code, text", [(403, "403 Forbidden"), (500, "500")])
+async def test_api_server_errors_fail_the_step_with_the_status(kube, fake: FakeKube, code: int, text: str) -> None:
+    api = await kube()
+    await declare(api, operator("any", "fail"))
+    fake.fail_with = code
+    run_id, _ = await one_step_run(api)
+    step = await wait_step(api, run_id, "failure")
+    assert step["error"].startswith("kubernetes API ") and text in step["error"], step["error"]
+    fake.fail_with = None
+    assert not fake.created
+
+
+# ---- cancel and re-attach ------------------------------------------------------------------------
+
+
+async def test_cancel_deletes_the_job_and_its_pods(kube, fake: FakeKube) -> None:
+    api = await kube()
+    await declare(api, operator("forever", image="test/sleep", args=[]))
+    run_id, _ = await one_step_run(api)
+    pod = await wait_until(lambda: operator_running(fake), what="the operator container to run")
+    status, body = await api.call("POST", f"/api/run/{run_id}/terminate?cancel=true")
+    assert status == 200, body
+    step = await wait_step(api, run_id, "cancelled")
+    await wait_until(lambda: _async(job_objects_gone(fake)), what="job, pod, pvc and secret to be deleted")
+    assert fake.get("pods", pod["metadata"]["name"]) is None
+    assert any(m == "DELETE" and p.endswith(f"/jobs/{step['jobName']}") and "propagationPolicy=Background" in q
+               for m, p, q in fake.requests)
+
+
+async def test_executor_restart_reattaches_to_the_running_job(fake: FakeKube, kube_settings, make_service, store,
+                                                               tmp_path: Path, nats_url: str) -> None:
+    gate = tmp_path / "gate"
+    settings = service_settings(tmp_path, nats_url, **kube_settings)
+    first = Service(settings)
+    await first.start()
+    try:
+        async with aiohttp.ClientSession(first.api_url) as http:
+            api1 = Api(http, first)
+            await declare(api1, operator("gated", args=[str(OPS), "gate", str(gate)], inputs=[("INPUT_ARRAY", "number-array-json")],
+                                         outputs=["number-array-sum-json"]))
+            # only the gated operator consumes this kind
+            for name in ("sum", "length", "average"):
+                assert (await api1.call("DELETE", f"/api/operators/{name}"))[0] == 200
+            run_id, _ = await one_step_run(api1, "number-array-json", b"[1,2,3]")
+            await wait_until(lambda: operator_running(fake), what="the operator container to run")
+    finally:
+        await first.stop()
+    jobs = [name for (plural, name) in fake.created if plural == "jobs"]
+    assert len(jobs) == 1
+    # the stopped executor never acked the step: make JetStream redeliver it now instead of after
+    # ack_wait (what a crashed executor's replacement sees a little later)
+    await store.js.delete_consumer(STREAM, DURABLE)
+    api2 = await make_service(**kube_settings)
+    step = await wait_step(api2, run_id, "running")
+    gate.write_text("go")
+    run = await api2.wait_status(run_id, "complete", timeout=30)
+    assert [s["status"] for s in run["steps"]] == ["success"]
+    sums = [u for u in run["dataPool"] if u["dataKind"] == "number-array-sum-json"]
+    assert len(sums) == 1 and await api2.content(sums[0]["url"]) == b'{"sum":6}'
+    assert fake.created[("jobs", jobs[0])] == 1 and [n for (p, n) in fake.created if p == "jobs"] == jobs
+    assert step["jobName"] == jobs[0]
+
+
+# ---- the returns route ---------------------------------------------------------------------------
+
+
+async def test_returns_route_checks_credential_kind_and_state(kube, fake: FakeKube, store) -> None:
+    api = await kube(max_upload_bytes=1000)
+    await declare(api, operator("waits", image="test/sleep", args=[], outputs=["number-array-sum-json"]))
+    run_id, _ = await one_step_run(api, data=b"input-bytes")
+    await wait_until(lambda: operator_running(fake), what="the operator container to run")
+    step = await wait_step(api, run_id, "running")
+    sid = step["id"]
+    key = await (await SecretStore.open(store.js)).get_or_create(credentials.KEY_NAME)
+    good = {"Authorization": f"Bearer {credentials.step_credential(key, run_id, sid, 1)}"}
+    base = f"/api/run/{run_id}/returns/{sid}"
+
+    status, body = await api.call("GET", f"{base}/inputs/0?attempt=1", headers=good)
+    assert status == 200 and body == "input-bytes"
+    assert (await api.call("GET", f"{base}/inputs/1?attempt=1", headers=good))[0] == 404
+    assert (await api.call("GET", f"{base}/inputs/0?attempt=1"))[0] == 401
+    status, body = await api.call("GET", f"{base}/inputs/0?attempt=1", headers={"Authorization": "Bearer nope"})
+    assert status == 403 and "credential" in body["error"]
+    # a credential of another step or attempt is worthless here
+    other = {"Authorization": f"Bearer {credentials.step_credential(key, run_id, 'other', 1)}"}
+    assert (await api.call("POST", f"{base}/number-array-sum-json?attempt=1&index=0", data=b"1", headers=other))[0] == 403
+    assert (await api.call("POST", f"{base}/number-array-sum-json?attempt=2&index=0", data=b"1", headers=good))[0] == 403
+    attempt2 = {"Authorization": f"Bearer {credentials.step_credential(key, run_id, sid, 2)}"}
+    status, body = await api.call("POST", f"{base}/number-array-sum-json?attempt=2&index=0", data=b"1", headers=attempt2)
+    assert status == 409 and "not running attempt 2" in body["error"]
+
+    status, body = await api.call("POST", f"{base}/number-array-json?attempt=1&index=0", data=b"1", headers=good)
+    assert status == 400 and "possibleOutputKinds" in body["error"]
+    status, body = await api.call("POST", f"{base}/number-array-sum-json?attempt=1&index=x", data=b"1", headers=good)
+    assert status == 400
+    status, body = await api.call("POST", f"{base}/number-array-sum-json?attempt=1&index=0", data=b"x" * 2000, headers=good)
+    assert status == 413
+    before = await store.last_seq()
+    status, body = await api.call("POST", f"{base}/number-array-sum-json?attempt=1&index=0&filename=s.json",
+                                  data=b'{"sum":1}', headers=good)
+    assert status == 201 and body["size"] == 9 and body["filename"] == "s.json", body
+    status, _ = await api.call("POST", f"{base}/number-array-sum-json?attempt=1&index=0&filename=s.json",
+                               data=b'{"sum":1}', headers=good)
+    assert status == 200  # a retried upload of the same bytes is fine
+    status, _ = await api.call("POST", f"{base}/number-array-sum-json?attempt=1&index=0", data=b"other", headers=good)
+    assert status == 409
+    returned = [e for e in await store.read(f"mlynar.run.{run_id}.StepOutputReturned", before + 1)]
+    assert len(returned) == 1 and returned[0].event.index == 0
+
+    status, _ = await api.call("POST", f"/api/run/{run_id}/terminate?cancel=true")
+    await wait_step(api, run_id, "cancelled")
+    status, body = await api.call("POST", f"{base}/number-array-sum-json?attempt=1&index=1", data=b"1", headers=good)
+    assert status == 409 and "cancelled" in body["error"]
+    assert (await api.call("GET", f"{base}/inputs/0?attempt=1", headers=good))[0] == 409
