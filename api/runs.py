@@ -12,6 +12,7 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from mlynar_events.blobs import BlobTooLarge, unit_key, run_prefix
 from mlynar_events.errors import Conflict, Invalid, NotFound
@@ -180,7 +181,7 @@ async def _first_file_part(request: web.Request) -> BodyPartReader:
                 return part
             if isinstance(part, BodyPartReader):
                 await part.release()
-    except (ValueError, AssertionError, RuntimeError) as exc:
+    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
         raise BadRequest("malformed multipart body", str(exc)) from None
 
 
@@ -214,7 +215,7 @@ async def upload(request: web.Request) -> web.Response:
         info = await c.blobs.put_stream(key, chunks(), max_bytes=c.max_upload_bytes)
     except BlobTooLarge:
         raise CommandTooLarge(c.max_upload_bytes) from None
-    except (ValueError, AssertionError) as exc:
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise BadRequest("malformed multipart body", str(exc)) from None
     # the bytes are durable before the event that points at them is appended
     event = DataUnitAdded(run_id=run_id, unit_id=unit_id, data_kind=kind, ancestors=[], blob=key,

@@ -97,6 +97,7 @@ class ServeSettings(BaseModel):
     max_parallel: int = 8
     max_steps_per_run: int = 10_000
     executor_concurrency: int = 16
+    executor_ack_wait: float = 30.0
     local_machine: bool = True
     api_token_file: Path | None = None
     insecure_no_auth: bool = False
@@ -114,6 +115,7 @@ class ServeSettings(BaseModel):
     kube_wrapper_image: str = "mlynar-events:latest"
     kube_keep_failed_jobs: bool = False
     kube_watch_crds: bool = False
+    kube_api_url: str = "http://mlynar-api:3000"
 
     @property
     def resolved_blob_dir(self) -> Path:
@@ -162,6 +164,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--max-parallel", default=d.max_parallel, type=int, help="default per-run limit of concurrently running steps")
     flag(p, "--max-steps-per-run", default=d.max_steps_per_run, type=int, help="a run that would schedule more steps is terminated")
     flag(p, "--executor-concurrency", default=d.executor_concurrency, type=int, help="steps one executor process runs at once")
+    flag(p, "--executor-ack-wait", default=d.executor_ack_wait, type=float, help="seconds without a heartbeat before a step of a dead executor is redelivered")
     flag(p, "--local-machine", default=d.local_machine, boolean=True, help="start the built-in agent registered as machine 'local'")
     flag(p, "--api-token-file", default=None, type=Path, help="file holding the bearer token the REST API requires")
     flag(p, "--insecure-no-auth", default=False, boolean=True, help="allow a non-loopback --host without --api-token-file")
@@ -178,6 +181,7 @@ def add_serve_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--kube-wrapper-image", default=d.kube_wrapper_image, help="image running the download/upload wrapper")
     flag(p, "--kube-keep-failed-jobs", default=False, boolean=True, help="keep the Job and PVC of a failed step for inspection")
     flag(p, "--kube-watch-crds", default=False, boolean=True, help="(with role crd-sync) watch DataKind/Operator CRDs")
+    flag(p, "--kube-api-url", default=d.kube_api_url, help="URL of the REST API as step Jobs' wrapper containers reach it")
 
 
 def serve_settings(ns: argparse.Namespace) -> ServeSettings:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import signal
 from pathlib import Path
@@ -28,6 +29,23 @@ from .store import EventStore
 
 log = logging.getLogger("mlynar.serve")
 LOCAL_MACHINE = "local"
+STOP_TIMEOUT = 10.0
+
+
+async def _cancel_all(tasks: list[asyncio.Task], timeout: float) -> None:
+    """Cancel the role tasks, cancelling again until they are done: on Python 3.11,
+    ``asyncio.wait_for`` (used throughout nats-py) can swallow a cancellation that arrives as its
+    inner future completes (gh-86296), and a role would then go on looping."""
+    pending = {t for t in tasks if not t.done()}
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pending and asyncio.get_running_loop().time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    for task in pending:
+        out = io.StringIO()
+        task.print_stack(file=out)
+        log.error("role %s did not stop within %ss:\n%s", task.get_name(), timeout, out.getvalue())
 
 
 class Service:
@@ -146,7 +164,7 @@ class Service:
         if kube is not None:
             backends["kubernetes"] = kube
         worker = StepWorker(store, blobs, backends, concurrency=self.settings.executor_concurrency,
-                            workdir=self.settings.data_dir / "executor")
+                            ack_wait=self.settings.executor_ack_wait, workdir=self.settings.data_dir / "executor")
         self._spawn("executor", worker.run())
 
     async def _kubernetes_backend(self, store: EventStore, blobs: FileBlobStore, secrets: SecretStore) -> Any:
@@ -155,7 +173,7 @@ class Service:
             return None
         from executors.kubernetes.backend import KubernetesBackend
 
-        backend = await KubernetesBackend.create(s, secrets)
+        backend = await KubernetesBackend.create(s, secrets, store, blobs)
         self.closers.append(backend.close)
         return backend
 
@@ -167,12 +185,12 @@ class Service:
         self._spawn("crd-sync", sync.run())
 
     async def stop(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await _cancel_all(self.tasks, STOP_TIMEOUT)
         for close in reversed(self.closers):
-            with contextlib.suppress(Exception):
-                await close()
+            try:
+                await asyncio.wait_for(close(), STOP_TIMEOUT)
+            except Exception:  # noqa: BLE001 - stopping goes on; the reason is logged
+                log.exception("closing %s failed", getattr(close, "__qualname__", close))
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
