@@ -26,10 +26,10 @@ from nats.js.errors import APIError
 
 from mlynar_events.blobs import BlobStore, logs_key, unit_key
 from mlynar_events.events import (
-    STREAM, DataUnitAdded, Event, RunTerminationRequested, StepAttemptFailed, StepCancelled,
+    STREAM, DataUnitAdded, Event, RunDeleted, RunTerminationRequested, StepAttemptFailed, StepCancelled,
     StepFailed, StepScheduled, StepStarted, StepSucceeded,
 )
-from mlynar_events.runstate import RunState
+from mlynar_events.runstate import RunState, RunStateCache
 from mlynar_events.store import EventStore, decode
 
 from .backend import Attempt, AttemptResult, Backend
@@ -74,6 +74,7 @@ class StepWorker:
         self.active = 0  # messages being handled
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._runs = RunStateCache(store)
 
     # ---- consumer ---------------------------------------------------------------------------
 
@@ -150,11 +151,12 @@ class StepWorker:
                 pass
 
     async def _follow_cancellations(self) -> None:
-        sub = await self.store.subscribe("mlynar.run.*.RunTerminationRequested", await self.store.last_seq() + 1)
+        sub = await self.store.subscribe(["mlynar.run.*.RunTerminationRequested", "mlynar.run.*.RunDeleted"],
+                                         await self.store.last_seq() + 1)
         try:
             async for stored in sub:
                 event = stored.event
-                if isinstance(event, RunTerminationRequested) and event.cancel:
+                if (isinstance(event, RunTerminationRequested) and event.cancel) or isinstance(event, RunDeleted):
                     for attempt in list(self.running.values()):
                         if attempt.step.run_id == event.run_id:
                             log.info("cancelling step", extra={"run_id": event.run_id, "step_id": attempt.step.step_id})
@@ -165,8 +167,7 @@ class StepWorker:
     # ---- one step ---------------------------------------------------------------------------
 
     async def _run_state(self, run_id: str) -> RunState:
-        events, _ = await self.store.load_run(run_id)
-        return RunState.from_events(run_id, events)
+        return await self._runs.get(run_id)
 
     async def _append(self, event: Event, msg_id: str) -> None:
         await self.store.append(event, actor=self.name, msg_id=msg_id)
@@ -195,6 +196,9 @@ class StepWorker:
                               self.workdir / backend.external_id(step, attempt_no))
             try:
                 result = await self._attempt(backend, attempt, reattach=current.attempt == attempt_no)
+                if not (await self._run_state(step.run_id)).exists:
+                    log.info("run deleted while its step ran; keeping nothing", extra=ctx)
+                    return
                 logs = await self._store_logs(step, attempt_no, result)
                 if result.ok:
                     result = await self._finish(step, attempt_no, result, logs)
@@ -203,7 +207,8 @@ class StepWorker:
             if result.ok:
                 return
             if result.cancelled:
-                await self._append(StepCancelled(run_id=step.run_id, step_id=step.step_id, reason="cancelled by user"),
+                await self._append(StepCancelled(run_id=step.run_id, step_id=step.step_id, reason="cancelled by user",
+                                                 attempt=attempt_no, logs_blob=logs),
                                    f"{step.step_id}:cancelled")
                 return
             retries_left = step.spec.retries - (attempt_no - 1)

@@ -11,6 +11,7 @@ position of an event.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, ClassVar, Literal
 
@@ -185,6 +186,8 @@ class StepFailed(RunEvent):
 class StepCancelled(RunEvent):
     step_id: str
     reason: str
+    attempt: int | None = None  # None: cancelled before an attempt started
+    logs_blob: str | None = None
 
 
 class RunTerminationRequested(RunEvent):
@@ -268,10 +271,11 @@ class UnknownEventType(ValueError):
     pass
 
 
-class StoredEvent(BaseModel):
-    """An event as read back: its global position, subject and envelope."""
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as read back: its global position, subject and envelope. A plain dataclass:
+    its parts are validated already, and it is built for every event every consumer reads."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
     seq: int
     subject: str
     envelope: Envelope
