@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiosqlite
 from aiohttp import web
 
 from mlynar_events.blobs import BlobStore
+from mlynar_events.runstate import RunStateCache
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore
 from projections.projector import Projector
@@ -26,6 +27,10 @@ class ApiContext:
     api_token: str | None = None
     public_url: str | None = None
     read_timeout: float = 10.0
+    runs: RunStateCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.runs = RunStateCache(self.store)
 
     async def caught_up(self, seq: int | None) -> None:
         """Read-your-writes: return once the views include ``seq``."""

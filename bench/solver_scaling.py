@@ -48,7 +48,7 @@ _ENVELOPE = Envelope.model_construct(id="bench", type="bench", schema_=1, actor=
 
 def _stored(seq: int, event: Event) -> StoredEvent:
     """Without encoding: the solver reads ``seq`` and ``event`` only."""
-    return StoredEvent.model_construct(seq=seq, subject="", envelope=_ENVELOPE, event=event)
+    return StoredEvent(seq=seq, subject="", envelope=_ENVELOPE, event=event)
 
 
 async def _feed(solver: Solver, store: AckingStore, stored: StoredEvent) -> None:

@@ -7,6 +7,7 @@ pass it as ``expected_run_seq``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
 
@@ -15,6 +16,7 @@ from .events import (
     RunTerminationRequested, StepAttemptFailed, StepCancelled, StepFailed, StepScheduled,
     StepStarted, StepSucceeded, StoredEvent,
 )
+from .store import EventStore, run_filter
 
 RunStatus = Literal["created", "running", "complete", "terminated", "deleted"]
 StepStatus = Literal["created", "running", "success", "failure", "cancelled"]
@@ -106,3 +108,28 @@ class RunState:
                 self.status = "complete"
             case RunDeleted():
                 self.status = "deleted"
+
+
+class RunStateCache:
+    """Run folds kept between calls and caught up from the run's last folded sequence.
+
+    The executor checks a run before starting and before finishing every step, and the API
+    before every command; re-reading and re-folding a whole run each time made a run of N steps
+    cost O(N²). The stream is append-only, so reading only what follows ``version`` is exact.
+    Least recently used runs are dropped beyond ``size``."""
+
+    def __init__(self, store: EventStore, size: int = 1024) -> None:
+        self.store = store
+        self.size = size
+        self._runs: OrderedDict[str, RunState] = OrderedDict()
+
+    async def get(self, run_id: str) -> RunState:
+        state = self._runs.pop(run_id, None) or RunState(run_id)
+        events = await self.store.read(run_filter(run_id), state.version + 1)
+        for stored in events:
+            if stored.seq > state.version:  # a concurrent catch-up may have folded it already
+                state.apply(stored.event, stored.seq)
+        self._runs[run_id] = state
+        while len(self._runs) > self.size:
+            self._runs.popitem(last=False)
+        return state

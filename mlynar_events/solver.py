@@ -184,7 +184,10 @@ class Solver:
         self.dirty.add(event.run_id)
 
     async def decide_dirty(self) -> None:
+        """Decide every dirty run, the runs concurrently (their appends are independent; one
+        run's appends stay in order, each expecting the previous one's sequence)."""
         dirty, self.dirty = self.dirty, set()
+        ready = []
         for run_id in dirty:
             run = self.runs.get(run_id)
             if run is None:
@@ -192,10 +195,17 @@ class Solver:
             if run.state.version < run.awaiting_seq:
                 self.dirty.add(run_id)  # our own appends are still on their way back
                 continue
-            try:
-                await self.decide(run)
-            except ConcurrencyConflict:
-                log.debug("run moved on; deciding again when its events arrive", extra={"run_id": run_id})
+            ready.append(run)
+        if len(ready) == 1:
+            await self._decide_quietly(ready[0])
+        elif ready:
+            await asyncio.gather(*(self._decide_quietly(run) for run in ready))
+
+    async def _decide_quietly(self, run: SolverRun) -> None:
+        try:
+            await self.decide(run)
+        except ConcurrencyConflict:
+            log.debug("run moved on; deciding again when its events arrive", extra={"run_id": run.state.run_id})
 
     async def decide(self, run: SolverRun) -> None:
         s = run.state
