@@ -11,6 +11,8 @@ import logging
 import random
 from dataclasses import dataclass
 
+import aiohttp
+
 from mlynar_events.blobs import BlobStore
 from mlynar_events.events import MachineDeleted, MachineRegistered, StepScheduled
 from mlynar_events.secrets import SecretStore
@@ -69,6 +71,7 @@ class MachineBackend:
         self.blobs = blobs
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self._session: aiohttp.ClientSession | None = None  # shared: keep-alive connections to agents
 
     def target(self, step: StepScheduled) -> str:
         return f"machine:{step.spec.machine}"
@@ -77,7 +80,15 @@ class MachineBackend:
         return f"{step.step_id}-{attempt}"
 
     async def close(self) -> None:
-        pass
+        if self._session is not None:
+            await self._session.close()
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                version=aiohttp.HttpVersion11, raise_for_status=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout, sock_read=self.read_timeout))
+        return self._session
 
     async def run(self, attempt: Attempt) -> AttemptResult:
         step = attempt.step
@@ -87,7 +98,7 @@ class MachineBackend:
             return AttemptResult(ok=False, error=f"machine {name!r} is not registered", retryable=True)
         token = await self.secrets.get(machine.token_ref) if machine.token_ref else None
         async with AgentClient(machine.url, token, connect_timeout=self.connect_timeout,
-                               read_timeout=self.read_timeout) as client:
+                               read_timeout=self.read_timeout, session=self.session()) as client:
             try:
                 return await self._run(client, attempt)
             except AgentError as exc:

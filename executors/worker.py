@@ -201,7 +201,7 @@ class StepWorker:
                     return
                 logs = await self._store_logs(step, attempt_no, result)
                 if result.ok:
-                    result = await self._finish(step, attempt_no, result, logs)
+                    result = await self._outputs(step, attempt_no, result, logs)
             finally:
                 shutil.rmtree(attempt.workdir, ignore_errors=True)
             if result.ok:
@@ -253,17 +253,15 @@ class StepWorker:
         await self.blobs.put_file(key, result.logs)
         return key
 
-    async def _finish(self, step: StepScheduled, attempt_no: int, result: AttemptResult, logs: str | None) -> AttemptResult:
-        """Check the outputs against the operator, store them, append them and the success."""
+    async def _outputs(self, step: StepScheduled, attempt_no: int, result: AttemptResult, logs: str | None) -> AttemptResult:
+        """Check the outputs against the operator, store them, append them and the success
+        (the run was seen to exist after the attempt ended)."""
         allowed = set(step.spec.possibleOutputKinds)
         bad = sorted({o.data_kind for o in result.outputs} - allowed)
         if bad:
             return AttemptResult(ok=False, retryable=False, error=(
                 f"operator {step.operator!r} output data kinds {bad} that are not in its "
                 f"possibleOutputKinds {sorted(allowed)}"))
-        state = await self._run_state(step.run_id)
-        if not state.exists:  # deleted while we ran: keep nothing
-            return AttemptResult(ok=True)
         unit_ids = []
         for index, out in enumerate(result.outputs):
             unit_id = output_unit_id(step.step_id, index)

@@ -7,6 +7,7 @@ pass it as ``expected_run_seq``.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterable, Literal
@@ -121,15 +122,19 @@ class RunStateCache:
     def __init__(self, store: EventStore, size: int = 1024) -> None:
         self.store = store
         self.size = size
-        self._runs: OrderedDict[str, RunState] = OrderedDict()
+        self._runs: OrderedDict[str, tuple[RunState, asyncio.Lock]] = OrderedDict()
 
     async def get(self, run_id: str) -> RunState:
-        state = self._runs.pop(run_id, None) or RunState(run_id)
-        events = await self.store.read(run_filter(run_id), state.version + 1)
-        for stored in events:
-            if stored.seq > state.version:  # a concurrent catch-up may have folded it already
-                state.apply(stored.event, stored.seq)
-        self._runs[run_id] = state
-        while len(self._runs) > self.size:
-            self._runs.popitem(last=False)
+        entry = self._runs.get(run_id)
+        if entry is None:
+            entry = self._runs[run_id] = (RunState(run_id), asyncio.Lock())
+            while len(self._runs) > self.size:
+                self._runs.popitem(last=False)
+        else:
+            self._runs.move_to_end(run_id)
+        state, lock = entry
+        async with lock:  # one catch-up at a time per run; the next one starts where it ended
+            for stored in await self.store.read(run_filter(run_id), state.version + 1):
+                if stored.seq > state.version:
+                    state.apply(stored.event, stored.seq)
         return state

@@ -159,7 +159,9 @@ class Service:
 
         directory = MachineDirectory(store)
         self._spawn("machines", directory.run())
-        backends: dict[str, Any] = {"machine": MachineBackend(directory, secrets, blobs)}
+        machines = MachineBackend(directory, secrets, blobs)
+        self.closers.append(machines.close)
+        backends: dict[str, Any] = {"machine": machines}
         kube = await self._kubernetes_backend(store, blobs, secrets)
         if kube is not None:
             backends["kubernetes"] = kube
