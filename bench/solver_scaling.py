@@ -79,10 +79,10 @@ async def per_unit_cpu(pool: int, new_units: int) -> float:
         await _feed(solver, store, _stored(store.next(), unit(run_id)))
     assert len(solver.runs[run_id].state.steps) == pool
     # prepared outside the measurement (decoding is not the solver's work)
-    fresh = [_stored(0, unit(run_id)) for _ in range(new_units)]
+    fresh = [unit(run_id) for _ in range(new_units)]
     cpu = 0.0
-    for stored in fresh:
-        stored.seq = store.next()
+    for event in fresh:
+        stored = _stored(store.next(), event)
         t0 = time.process_time()
         await _feed(solver, store, stored)
         cpu += time.process_time() - t0
