@@ -7,7 +7,6 @@ sequence of the run's last event, checked by JetStream over ``mlynar.run.<id>.>`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence

@@ -3,7 +3,6 @@ in-process service (API + projector + solver + executor + built-in agent) over r
 
 from __future__ import annotations
 
-import asyncio
 import os
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -11,11 +10,11 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from mlynar_events.config import ServeSettings
 from mlynar_events.nats_server import EmbeddedNats
 from mlynar_events.serve import Service
 from mlynar_events.store import EventStore
 
+from kube_fake import TEST_NAMESPACE, FakeKube
 from support import Api, service_settings
 
 # tests run with no MLYNAR_* variable of the developer's shell leaking into settings
@@ -65,3 +64,14 @@ async def make_service(tmp_path: Path, nats_url: str) -> AsyncIterator[Callable[
 @pytest.fixture
 async def api(make_service: Callable[..., Awaitable[Api]]) -> Api:
     return await make_service()
+
+
+@pytest.fixture
+async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
+    """A stateful Kubernetes API stand-in (namespace ``TEST_NAMESPACE``) with its test kubelet."""
+    f = FakeKube(tmp_path / "kube", namespace=TEST_NAMESPACE)
+    await f.start()
+    try:
+        yield f
+    finally:
+        await f.stop()

@@ -128,6 +128,9 @@ def match_fields(selector: str | None, obj: dict[str, Any]) -> bool:
     return True
 
 
+TEST_NAMESPACE = "mlynar"  # where the tests run their step Jobs and custom resources
+
+
 class FakeKube:
     def __init__(self, root: Path, *, wrapper_image: str = "mlynar-events:test", namespace: str = "mlynar") -> None:
         self.root = root

@@ -4,14 +4,14 @@ changed and deleted reach the registry (``GET /api/operators``), live, through t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 
-from kube_fake import FakeKube
+from kube_fake import TEST_NAMESPACE, FakeKube
 from support import Api, wait_until
 
-NS = "mlynar"
+NS = TEST_NAMESPACE
 
 
 def kind(name: str) -> dict[str, Any]:
@@ -23,16 +23,6 @@ def op(name: str, inputs: list[str], outputs: list[str], args: list[str] | None 
     return {"apiVersion": "mlynar.dev/v1alpha1", "kind": "Operator", "metadata": {"name": name, "namespace": NS},
             "spec": {"image": "example/op:1", "args": args or [], "possibleOutputKinds": outputs,
                      "inputs": [{"fileLocationEnv": f"IN_{i}", "dataKind": k} for i, k in enumerate(inputs)], **extra}}
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
-    f = FakeKube(tmp_path / "kube", namespace=NS)
-    await f.start()
-    try:
-        yield f
-    finally:
-        await f.stop()
 
 
 @pytest.fixture

@@ -406,7 +406,7 @@ def test_nats_is_a_three_node_jetstream_cluster(rendered):
     assert "server_name: $SERVER_NAME" in conf
     for i in range(3):
         assert f"nats://nats-{i}.nats-headless:6222" in conf
-    assert f"--config" in container["command"] and "/etc/nats-config/nats.conf" in container["command"]
+    assert "--config" in container["command"] and "/etc/nats-config/nats.conf" in container["command"]
 
 
 # --------------------------------------------------------------------------- CRDs

@@ -224,13 +224,13 @@ outputs(("slow-out", "result.txt", "slow result"))
     run_id = await api.create_run()
     await start(api, run_id)
     await wait_until(lambda: _exists(gate / "started"), what="the slow step to start")
-    step = await wait_step(api, run_id, "slow", "running")
+    await wait_step(api, run_id, "slow", "running")
 
     status, run = await api.call("POST", f"/api/run/{run_id}/terminate")
     assert status == 200, run
     assert run["status"] == "terminated"
     (gate / "release").touch()
-    step = await wait_step(api, run_id, "slow", "success")
+    await wait_step(api, run_id, "slow", "success")
     terminated = await wait_event(api, run_id, RunTerminated)
 
     run = await api.run(run_id)

@@ -4,19 +4,16 @@ download/upload containers against the real API, operators as ``test/python`` im
 
 from __future__ import annotations
 
-import json
 import socket
-import sys
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 import yaml
 
-from executors.kubernetes.manifests import job_name
 from executors.worker import DURABLE
-from kube_fake import FakeKube
+from kube_fake import TEST_NAMESPACE, FakeKube
 from mlynar_events import credentials
 from mlynar_events.events import STREAM
 from mlynar_events.secrets import SecretStore
@@ -24,7 +21,7 @@ from mlynar_events.serve import Service
 from support import EXAMPLES, Api, service_settings, wait_until
 
 OPS = Path(__file__).resolve().parent / "k8s_operators" / "ops.py"
-NS = "mlynar"
+NS = TEST_NAMESPACE
 README_PARAMS = {op: [{"name": "MULTIPLY_BY", "defaultValue": "1", "value": v}]
                  for op, v in (("length", "3"), ("sum", "5"), ("average", "2"))}
 
@@ -58,16 +55,6 @@ def readme_operators() -> list[dict[str, Any]]:
                  outputs=["number-array-average-json"], configurableEnv=mult,
                  resources={"requests": {"cpu": "100m"}, "limits": {"memory": "128Mi"}}),
     ]
-
-
-@pytest.fixture
-async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
-    f = FakeKube(tmp_path / "kube", namespace=NS)
-    await f.start()
-    try:
-        yield f
-    finally:
-        await f.stop()
 
 
 @pytest.fixture
