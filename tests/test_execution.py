@@ -283,9 +283,6 @@ outputs()
     await assert_deleted(api, run_id, [unit["url"]])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug, reported to the lead: StepCancelled carries no attempt/logs_blob, so the logs the worker "
-    "stored for a cancelled attempt are never projected and GET .../logs answers 404"))
 async def test_cancelled_step_keeps_its_logs(api: Api, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     gate.mkdir()
