@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from mlynar_events.blobs import BlobTooLarge, unit_key, run_prefix
-from mlynar_events.errors import Conflict, Invalid, NotFound
+from mlynar_events.errors import Conflict, NotFound
 from mlynar_events.events import (
     DataUnitAdded, Event, RunCreated, RunDeleted, RunStarted, RunTerminationRequested,
 )
