@@ -13,6 +13,7 @@ executor, runs each step's attempts on its backend and appends what happened.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import shutil
@@ -31,6 +32,7 @@ from mlynar_events.events import (
 )
 from mlynar_events.runstate import RunState, RunStateCache
 from mlynar_events.store import EventStore, decode
+from mlynar_events.tasks import cancel_and_wait
 
 from .backend import Attempt, AttemptResult, Backend
 
@@ -116,11 +118,9 @@ class StepWorker:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
-            cancels.cancel()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, cancels, return_exceptions=True)
-            await psub.unsubscribe()
+            await cancel_and_wait([cancels, *self._tasks])
+            with contextlib.suppress(Exception):  # the connection may be draining already
+                await psub.unsubscribe()
 
     async def _handle(self, msg) -> None:  # type: ignore[no-untyped-def]
         heartbeat = asyncio.create_task(self._heartbeat(msg))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import signal
 from pathlib import Path
@@ -26,26 +25,11 @@ from .secrets import SecretStore
 from .solver import Solver
 from .specs import load_documents
 from .store import EventStore
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("mlynar.serve")
 LOCAL_MACHINE = "local"
 STOP_TIMEOUT = 10.0
-
-
-async def _cancel_all(tasks: list[asyncio.Task], timeout: float) -> None:
-    """Cancel the role tasks, cancelling again until they are done: on Python 3.11,
-    ``asyncio.wait_for`` (used throughout nats-py) can swallow a cancellation that arrives as its
-    inner future completes (gh-86296), and a role would then go on looping."""
-    pending = {t for t in tasks if not t.done()}
-    deadline = asyncio.get_running_loop().time() + timeout
-    while pending and asyncio.get_running_loop().time() < deadline:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.2)
-    for task in pending:
-        out = io.StringIO()
-        task.print_stack(file=out)
-        log.error("role %s did not stop within %ss:\n%s", task.get_name(), timeout, out.getvalue())
 
 
 class Service:
@@ -187,7 +171,7 @@ class Service:
         self._spawn("crd-sync", sync.run())
 
     async def stop(self) -> None:
-        await _cancel_all(self.tasks, STOP_TIMEOUT)
+        await cancel_and_wait(self.tasks, STOP_TIMEOUT)
         for close in reversed(self.closers):
             try:
                 await asyncio.wait_for(close(), STOP_TIMEOUT)

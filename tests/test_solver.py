@@ -28,6 +28,7 @@ from mlynar_events.events import (
 from mlynar_events.runstate import RunState
 from mlynar_events.solver import Solver
 from mlynar_events.specs import DataKindSpec, OperatorSpec
+from mlynar_events.tasks import cancel_and_wait
 from mlynar_events.store import EventStore, run_filter
 from solver_reference import OpModel, StepKey, TooManySteps, Unit, output_unit_id, solve, step_key
 from support import wait_until
@@ -87,12 +88,8 @@ class SolverReplica:
             raise AssertionError(f"solver task ended: {exc!r}") from exc
 
     async def stop(self) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+        if self.task is not None:
+            assert not await cancel_and_wait([self.task]), "solver replica did not stop"
         if self.store is not None:
             await self.store.close()
 
@@ -172,11 +169,7 @@ class History:
 
     async def stop(self) -> None:
         if self.task:
-            self.task.cancel()
-            try:
-                await self.task
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait([self.task])
 
     def of(self, *types: type) -> list[StoredEvent]:
         return [e for e in self.events if isinstance(e.event, types)]
@@ -301,13 +294,7 @@ class Executor:
         return await wait_until(enough, timeout, what=f"{n} steps scheduled in run {self.run_id}")
 
     async def stop(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        for task in list(self.tasks):
-            try:
-                await task
-            except BaseException:
-                pass
+        await cancel_and_wait(list(self.tasks))
 
 
 async def quiesce(store: EventStore, run_id: str, replicas: list[SolverReplica]) -> list[StoredEvent]:
