@@ -6,8 +6,9 @@ the hop also waits for the GIL, which the busy event loop thread holds. Those ho
 were most of the time of a projector batch (a few statements per event) and of a
 ``GET /api/run/{id}`` (three queries, three hops each). So:
 
-* the projector runs a whole batch as one plain function on aiosqlite's thread
-  (:func:`in_db_thread`): one hop per batch, ordered with every other call on that connection;
+* the live projector runs a whole batch as one plain function on aiosqlite's thread
+  (:func:`in_db_thread`): one hop per batch, ordered with every other call on that connection
+  (a rebuild, which serves nobody meanwhile, applies its batches without any thread);
 * the hottest reads run synchronously on the event loop thread over a second, query-only
   connection (:func:`reader`): a few indexed SELECTs cost less than one hop. In WAL mode a reader
   never waits for the writer and only sees committed transactions, so it sees a projector batch

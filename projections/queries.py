@@ -1,8 +1,9 @@
 """Read queries over the views, returning plain rows/dicts; the API shapes them for the wire,
-except for the hottest read, ``GET /api/run/{id}``, whose body :func:`run_body` builds here.
+except for the hottest read, ``GET /api/run/{id}``, whose JSON body :func:`run_body` has SQLite
+build.
 
 A run's reads go through :func:`projections.connection.reader`, synchronously on the event loop
-thread (three indexed SELECTs cost less than one hop to aiosqlite's thread); the others take one
+thread (a few indexed SELECTs cost less than one hop to aiosqlite's thread); the others take one
 hop each (``execute_fetchall``) rather than the three of execute + fetch + close."""
 
 from __future__ import annotations
