@@ -22,12 +22,12 @@ from aiohttp import web
 
 from mlynar_events import credentials
 from mlynar_events.blobs import BlobTooLarge
-from mlynar_events.errors import Conflict, NotFound
+from mlynar_events.errors import CommandError, Conflict, NotFound
 from mlynar_events.events import Event, StepOutputReturned
 from mlynar_events.runstate import RunState, StepState
 
 from .context import ApiContext, ctx
-from .errors import BadRequest, CommandTooLarge, error
+from .errors import BadRequest, CommandTooLarge
 from .runs import _blob_response, _safe_filename, decide_and_append, load_run
 
 log = logging.getLogger("mlynar.api.returns")
@@ -47,9 +47,12 @@ def _int(request: web.Request, name: str, low: int, high: int) -> int:
     return value
 
 
-class _Denied(Exception):
+class _Denied(CommandError):
+    """401/403 of a step credential (answered by the errors middleware like any command error)."""
+
     def __init__(self, status: int, message: str) -> None:
-        self.status, self.message = status, message
+        super().__init__(message)
+        self.status = status
 
 
 async def _authenticate(request: web.Request, c: ApiContext) -> tuple[str, str, int]:
@@ -81,6 +84,12 @@ def _running_step(state: RunState, step_id: str, attempt: int) -> StepState:
     return step
 
 
+async def _running_attempt(request: web.Request, c: ApiContext) -> tuple[str, str, int, StepState]:
+    """The step attempt the credential names, while it runs: 401/403, 404, 409 otherwise."""
+    run_id, step_id, attempt = await _authenticate(request, c)
+    return run_id, step_id, attempt, _running_step(await load_run(c, run_id), step_id, attempt)
+
+
 def returned_outputs(events, step_id: str, attempt: int) -> dict[int, StepOutputReturned]:  # type: ignore[no-untyped-def]
     """The outputs an attempt returned so far, by index (what the executor collects too)."""
     out: dict[int, StepOutputReturned] = {}
@@ -93,12 +102,7 @@ def returned_outputs(events, step_id: str, attempt: int) -> dict[int, StepOutput
 
 async def get_input(request: web.Request) -> web.StreamResponse:
     c = ctx(request)
-    try:
-        run_id, step_id, attempt = await _authenticate(request, c)
-    except _Denied as d:
-        return error(d.status, d.message)
-    state = await load_run(c, run_id)
-    step = _running_step(state, step_id, attempt)
+    _, step_id, _, step = await _running_attempt(request, c)
     raw = request.match_info["index"]
     try:
         index = int(raw)
@@ -113,15 +117,10 @@ async def get_input(request: web.Request) -> web.StreamResponse:
 
 async def return_output(request: web.Request) -> web.Response:
     c = ctx(request)
-    try:
-        run_id, step_id, attempt = await _authenticate(request, c)
-    except _Denied as d:
-        return error(d.status, d.message)
+    run_id, step_id, attempt, step = await _running_attempt(request, c)
     kind = request.match_info["data_kind"]
     index = _int(request, "index", 0, MAX_OUTPUTS - 1)
     filename = _safe_filename(request.query.get("filename"))
-    state = await load_run(c, run_id)
-    step = _running_step(state, step_id, attempt)
     allowed = step.scheduled.spec.possibleOutputKinds
     if kind not in allowed:
         raise BadRequest(f"operator {step.scheduled.operator!r} may not output data kind {kind!r}; "
