@@ -263,7 +263,7 @@ class FakeKube:
         self._on_deleted(key, obj)
         if propagation == "Background" and dependents:
             async def collect() -> None:
-                await asyncio.sleep(0.01)  # the garbage collector works after the owner is gone
+                await asyncio.sleep(0)  # the garbage collector works after the owner is gone (next loop turn)
                 for dep in dependents:
                     await self._delete(dep, "Background")
 
