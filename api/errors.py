@@ -1,4 +1,4 @@
-"""Every error leaves as ``{"error": ..., "detail": ...}`` with a 4xx status (DESIGN §5).
+"""Every error leaves as ``{"error": ..., "detail": ...}`` with a 4xx status (docs/ARCHITECTURE.md, "Error rules").
 
 Command errors from the core carry their status; aiohttp's own HTTP errors keep theirs; anything
 unexpected is logged with the request and answered 500 without internals (that is a bug to fix,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from mlynar_events.blobs import BlobStore
-from mlynar_events.events import MachineDeleted, MachineRegistered, StepScheduled
+from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdated, StepScheduled, subject_filters
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore
 
@@ -37,13 +37,15 @@ class Machine:
 class MachineDirectory:
     """The registered machines, folded from their events and kept up to date."""
 
+    CONSUMES = (MachineRegistered, MachineUpdated, MachineDeleted)
+
     def __init__(self, store: EventStore) -> None:
         self.store = store
         self.machines: dict[str, Machine] = {}
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        sub = await self.store.subscribe("mlynar.machine.>")
+        sub = await self.store.subscribe(subject_filters(self.CONSUMES))
         if sub.start_head == 0:
             self.ready.set()
         try:

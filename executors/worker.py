@@ -28,7 +28,7 @@ from nats.js.errors import APIError
 from mlynar_events.blobs import BlobStore, logs_key, unit_key
 from mlynar_events.events import (
     STREAM, DataUnitAdded, Event, RunDeleted, RunTerminationRequested, StepAttemptFailed, StepCancelled,
-    StepFailed, StepScheduled, StepStarted, StepSucceeded,
+    StepFailed, StepScheduled, StepStarted, StepSucceeded, subject_filters,
 )
 from mlynar_events.runstate import RunState, RunStateCache
 from mlynar_events.store import EventStore, decode
@@ -52,6 +52,12 @@ def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
 
 
 class StepWorker:
+    SCHEDULES = (StepScheduled,)
+    """What the shared durable consumer delivers: the steps to run."""
+    CANCELS = (RunTerminationRequested, RunDeleted)
+    """What the cancellation follower watches, from the head on."""
+    CONSUMES = SCHEDULES + CANCELS
+
     def __init__(
         self,
         store: EventStore,
@@ -83,7 +89,7 @@ class StepWorker:
     async def ensure_consumer(self) -> None:
         config = js_api.ConsumerConfig(
             durable_name=DURABLE,
-            filter_subject="mlynar.run.*.StepScheduled",
+            filter_subject=subject_filters(self.SCHEDULES)[0],
             ack_policy=js_api.AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait,
             max_deliver=-1,
@@ -151,7 +157,7 @@ class StepWorker:
                 pass
 
     async def _follow_cancellations(self) -> None:
-        sub = await self.store.subscribe(["mlynar.run.*.RunTerminationRequested", "mlynar.run.*.RunDeleted"],
+        sub = await self.store.subscribe(subject_filters(self.CANCELS),
                                          await self.store.last_seq() + 1)
         try:
             async for stored in sub:

@@ -1,5 +1,5 @@
 """Errors a command raises when the caller asked for something wrong. The API maps them to
-4xx answers (DESIGN §5); the message names what was wrong, ``detail`` is JSON-able."""
+4xx answers (docs/ARCHITECTURE.md, "Error rules"); the message names what was wrong, ``detail`` is JSON-able."""
 
 from __future__ import annotations
 

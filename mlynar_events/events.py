@@ -1,11 +1,17 @@
 """Every fact of the system as an explicit event class inside one envelope.
 
 The envelope is ``{id, type, schema, time, actor, data}``; ``schema`` is the version of ``data``'s
-shape for that type. Old shapes are brought up to date on read by the functions registered with
-:func:`upcaster` (eventsourcing-style upcasting), so handlers only ever see the current class.
+shape for that type. Old shapes are brought up to date on read by the class's own
+``upcast_v<N>_v<N+1>`` methods (eventsourcing-style upcasting), so handlers only ever see the
+current class.
 
-Subjects are ``mlynar.<aggregate>.<key>.<Type>``; the JetStream stream sequence is the global
-position of an event.
+**The catalogue is the classes.** Every concrete event class names its stable ``event_type`` (what
+is stored in the envelope and the subject, so renaming the Python class never orphans history)
+and registers itself on definition in :data:`CATALOGUE`; a class that forgets it, or reuses a
+name, fails at import. Subjects are ``mlynar.<aggregate>.<key>.<event_type>``; the JetStream
+stream sequence is the global position of an event. Roles declare what they consume as a tuple
+of classes and derive their subject filters with :func:`subject_filters`. Who produces and who
+consumes each event: ``docs/ARCHITECTURE.md`` (checked against this module by a test).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, ClassVar, Literal
+from typing import Any, ClassVar, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,25 +29,60 @@ STREAM = "MLYNAR"
 SUBJECT_PREFIX = "mlynar"
 
 
+CATALOGUE: dict[str, type["Event"]] = {}
+"""``event_type`` -> class, filled by the classes themselves as they are defined."""
+
+
 class Event(BaseModel):
-    """Base of all event payloads."""
+    """Base of all event payloads.
+
+    A concrete subclass sets ``event_type`` (stable, stored) and, when its shape changes, bumps
+    ``schema_version`` and adds ``upcast_v<N>_v<N+1>(data) -> data`` static methods for every
+    older version. Intermediate bases set ``abstract = True`` and are not registered."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     aggregate: ClassVar[str]
+    event_type: ClassVar[str]
     schema_version: ClassVar[int] = 1
+    abstract: ClassVar[bool] = True
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if "event_type" not in cls.__dict__:
+            if not cls.__dict__.get("abstract", False):
+                raise TypeError(f"event class {cls.__name__} must set event_type (or abstract = True)")
+            return
+        name = cls.event_type
+        if name in CATALOGUE and CATALOGUE[name].__qualname__ != cls.__qualname__:
+            raise TypeError(f"event_type {name!r} of {cls.__name__} is already {CATALOGUE[name].__name__}'s")
+        missing = [v for v in range(1, cls.schema_version) if not hasattr(cls, f"upcast_v{v}_v{v + 1}")]
+        if missing:
+            raise TypeError(f"{cls.__name__} is at schema {cls.schema_version} but has no "
+                            + ", ".join(f"upcast_v{v}_v{v + 1}" for v in missing))
+        CATALOGUE[name] = cls
+
+    @classmethod
+    def upcast(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """``data`` stored at schema ``version``, brought to the current ``schema_version``."""
+        while version < cls.schema_version:
+            data = getattr(cls, f"upcast_v{version}_v{version + 1}")(data)
+            version += 1
+        return data
 
     def key(self) -> str:
         raise NotImplementedError
 
     @classmethod
     def type_name(cls) -> str:
-        return cls.__name__
+        return cls.event_type
 
     def subject(self) -> str:
-        return f"{SUBJECT_PREFIX}.{self.aggregate}.{self.key()}.{self.type_name()}"
+        return f"{SUBJECT_PREFIX}.{self.aggregate}.{self.key()}.{self.event_type}"
 
 
 class RunEvent(Event):
+    abstract: ClassVar[bool] = True
     aggregate: ClassVar[str] = "run"
     run_id: str
 
@@ -50,6 +91,7 @@ class RunEvent(Event):
 
 
 class NamedEvent(Event):
+    abstract: ClassVar[bool] = True
     name: str
 
     def key(self) -> str:
@@ -60,21 +102,25 @@ class NamedEvent(Event):
 
 
 class DataKindDeclared(NamedEvent):
+    event_type: ClassVar[str] = "DataKindDeclared"
     aggregate: ClassVar[str] = "datakind"
     spec: DataKindSpec
 
 
 class DataKindDeleted(NamedEvent):
+    event_type: ClassVar[str] = "DataKindDeleted"
     aggregate: ClassVar[str] = "datakind"
 
 
 class OperatorDeclared(NamedEvent):
+    event_type: ClassVar[str] = "OperatorDeclared"
     aggregate: ClassVar[str] = "operator"
     spec: OperatorSpec
     revision: int
 
 
 class OperatorDeleted(NamedEvent):
+    event_type: ClassVar[str] = "OperatorDeleted"
     aggregate: ClassVar[str] = "operator"
 
 
@@ -82,6 +128,7 @@ class OperatorDeleted(NamedEvent):
 
 
 class MachineRegistered(NamedEvent):
+    event_type: ClassVar[str] = "MachineRegistered"
     aggregate: ClassVar[str] = "machine"
     url: str
     labels: dict[str, str] = Field(default_factory=dict)
@@ -89,10 +136,11 @@ class MachineRegistered(NamedEvent):
 
 
 class MachineUpdated(MachineRegistered):
-    pass
+    event_type: ClassVar[str] = "MachineUpdated"
 
 
 class MachineDeleted(NamedEvent):
+    event_type: ClassVar[str] = "MachineDeleted"
     aggregate: ClassVar[str] = "machine"
 
 
@@ -100,10 +148,11 @@ class MachineDeleted(NamedEvent):
 
 
 class RunCreated(RunEvent):
-    pass
+    event_type: ClassVar[str] = "RunCreated"
 
 
 class DataUnitAdded(RunEvent):
+    event_type: ClassVar[str] = "DataUnitAdded"
     unit_id: str
     data_kind: str
     ancestors: list[str] = Field(default_factory=list)
@@ -116,6 +165,7 @@ class DataUnitAdded(RunEvent):
 
 
 class RunStarted(RunEvent):
+    event_type: ClassVar[str] = "RunStarted"
     param_pool: dict[str, dict[str, str]] = Field(default_factory=dict)
     max_parallel: int = 8
 
@@ -130,6 +180,7 @@ class StepInput(BaseModel):
 
 
 class StepScheduled(RunEvent):
+    event_type: ClassVar[str] = "StepScheduled"
     step_id: str
     operator: str
     revision: int
@@ -140,6 +191,7 @@ class StepScheduled(RunEvent):
 
 
 class StepStarted(RunEvent):
+    event_type: ClassVar[str] = "StepStarted"
     step_id: str
     attempt: int
     executor: str
@@ -151,6 +203,7 @@ class StepOutputReturned(RunEvent):
     """A Kubernetes step's wrapper returned output ``index`` of ``attempt`` to the API; the bytes
     are in ``blob``. The executor turns these into ``DataUnitAdded`` when the Job succeeds."""
 
+    event_type: ClassVar[str] = "StepOutputReturned"
     step_id: str
     attempt: int
     index: int
@@ -162,6 +215,7 @@ class StepOutputReturned(RunEvent):
 
 
 class StepAttemptFailed(RunEvent):
+    event_type: ClassVar[str] = "StepAttemptFailed"
     step_id: str
     attempt: int
     error: str
@@ -170,6 +224,7 @@ class StepAttemptFailed(RunEvent):
 
 
 class StepSucceeded(RunEvent):
+    event_type: ClassVar[str] = "StepSucceeded"
     step_id: str
     attempt: int
     outputs: list[str]
@@ -177,6 +232,7 @@ class StepSucceeded(RunEvent):
 
 
 class StepFailed(RunEvent):
+    event_type: ClassVar[str] = "StepFailed"
     step_id: str
     attempt: int
     error: str
@@ -184,6 +240,7 @@ class StepFailed(RunEvent):
 
 
 class StepCancelled(RunEvent):
+    event_type: ClassVar[str] = "StepCancelled"
     step_id: str
     reason: str
     attempt: int | None = None  # None: cancelled before an attempt started
@@ -191,47 +248,57 @@ class StepCancelled(RunEvent):
 
 
 class RunTerminationRequested(RunEvent):
+    event_type: ClassVar[str] = "RunTerminationRequested"
     cancel: bool = False
     reason: str = "requested by user"
 
 
 class RunTerminated(RunEvent):
+    event_type: ClassVar[str] = "RunTerminated"
     reason: str
 
 
 class RunCompleted(RunEvent):
-    pass
+    event_type: ClassVar[str] = "RunCompleted"
 
 
 class RunDeleted(RunEvent):
-    pass
+    event_type: ClassVar[str] = "RunDeleted"
 
 
-EVENT_TYPES: dict[str, type[Event]] = {
-    cls.__name__: cls
-    for cls in (
-        DataKindDeclared, DataKindDeleted, OperatorDeclared, OperatorDeleted,
-        MachineRegistered, MachineUpdated, MachineDeleted,
-        RunCreated, DataUnitAdded, RunStarted, StepScheduled, StepStarted, StepOutputReturned, StepAttemptFailed,
-        StepSucceeded, StepFailed, StepCancelled, RunTerminationRequested, RunTerminated,
-        RunCompleted, RunDeleted,
-    )
-}
+EVENT_TYPES = CATALOGUE  # the name older modules use
 STEP_OUTCOMES = (StepSucceeded, StepFailed, StepCancelled)
 
-Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
-UPCASTERS: dict[tuple[str, int], Upcaster] = {}
+
+def of_aggregate(aggregate: str) -> tuple[type[Event], ...]:
+    """Every event class of one aggregate (``run``, ``datakind``, ``operator``, ``machine``)."""
+    return tuple(cls for cls in CATALOGUE.values() if cls.aggregate == aggregate)
 
 
-def upcaster(event_type: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
-    """Register a function turning ``data`` of ``event_type`` at ``from_version`` into
-    ``from_version + 1``. Chains run in order until the class's current ``schema_version``."""
+def subject_filters(consumes: Iterable[type[Event]]) -> list[str]:
+    """The JetStream subject filters that deliver exactly the events of ``consumes``: one
+    ``mlynar.<aggregate>.>`` when a role takes every event of an aggregate, else one
+    ``mlynar.<aggregate>.*.<event_type>`` per class. Roles derive their filters from their
+    declared ``CONSUMES`` with this, never by writing subjects by hand."""
+    consumes = tuple(consumes)
+    if set(consumes) >= set(CATALOGUE.values()):
+        return [f"{SUBJECT_PREFIX}.>"]
+    wanted: dict[str, set[str]] = {}
+    for cls in consumes:
+        wanted.setdefault(cls.aggregate, set()).add(cls.event_type)
+    filters: list[str] = []
+    for aggregate in sorted(wanted):
+        every = {cls.event_type for cls in of_aggregate(aggregate)}
+        if wanted[aggregate] >= every:
+            filters.append(f"{SUBJECT_PREFIX}.{aggregate}.>")
+        else:
+            filters.extend(f"{SUBJECT_PREFIX}.{aggregate}.*.{t}" for t in sorted(wanted[aggregate]))
+    return filters
 
-    def register(fn: Upcaster) -> Upcaster:
-        UPCASTERS[(event_type, from_version)] = fn
-        return fn
 
-    return register
+def key_filter(aggregate: str, key: str) -> str:
+    """Every event of one aggregate instance: ``mlynar.run.<id>.>``, ``mlynar.machine.local.>``."""
+    return f"{SUBJECT_PREFIX}.{aggregate}.{key}.>"
 
 
 class Envelope(BaseModel):
@@ -247,7 +314,7 @@ class Envelope(BaseModel):
     def wrap(cls, event: Event, actor: str, event_id: str | None = None) -> "Envelope":
         return cls(
             id=event_id or str(uuid.uuid4()),
-            type=event.type_name(),
+            type=event.event_type,
             schema=event.schema_version,
             actor=actor,
             data=event.model_dump(mode="json"),
@@ -257,14 +324,10 @@ class Envelope(BaseModel):
         return self.model_dump_json(by_alias=True).encode()
 
     def event(self) -> Event:
-        cls = EVENT_TYPES.get(self.type)
+        cls = CATALOGUE.get(self.type)
         if cls is None:
             raise UnknownEventType(self.type)
-        data, version = self.data, self.schema_
-        while version < cls.schema_version:
-            data = UPCASTERS[(self.type, version)](data)
-            version += 1
-        return cls.model_validate(data)
+        return cls.model_validate(cls.upcast(self.data, self.schema_))
 
 
 class UnknownEventType(ValueError):

@@ -7,13 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .errors import Conflict, Invalid, NotFound
-from .events import DataKindDeclared, DataKindDeleted, Event, OperatorDeclared, OperatorDeleted
+from .events import DataKindDeclared, DataKindDeleted, Event, OperatorDeclared, OperatorDeleted, subject_filters
 from .specs import DataKindDocument, DataKindSpec, OperatorDocument, OperatorSpec
 from .store import EventStore
 
 
 @dataclass
 class Registry:
+    CONSUMES = (DataKindDeclared, DataKindDeleted, OperatorDeclared, OperatorDeleted)
     kinds: dict[str, DataKindSpec] = field(default_factory=dict)
     operators: dict[str, tuple[OperatorSpec, int]] = field(default_factory=dict)
     # operator names per input kind, rebuilt on every operator change (rare) so lookups are O(1)
@@ -79,7 +80,7 @@ class Registry:
 
 async def load_registry(store: EventStore) -> Registry:
     registry = Registry()
-    for kind_filter in ("mlynar.datakind.>", "mlynar.operator.>"):
+    for kind_filter in subject_filters(Registry.CONSUMES):
         for stored in await store.read(kind_filter):
             registry.apply(stored.event, stored.seq)
     return registry

@@ -19,7 +19,7 @@ from aiohttp import web
 from . import registry as registry_commands
 from .blobs import FileBlobStore
 from .config import ServeSettings, is_loopback
-from .events import MachineRegistered, MachineUpdated
+from .events import MachineRegistered, MachineUpdated, key_filter
 from .nats_server import EmbeddedNats
 from .secrets import SecretStore
 from .solver import Solver
@@ -103,7 +103,7 @@ class Service:
                                                 work_dir=self.settings.data_dir / "agent"))
         self.closers.append(agent.stop)
         ref = f"secret:machine.{LOCAL_MACHINE}"
-        registry = await store.read(f"mlynar.machine.{LOCAL_MACHINE}.>")
+        registry = await store.read(key_filter("machine", LOCAL_MACHINE))
         current = registry[-1].event if registry else None
         if not isinstance(current, MachineRegistered) or current.url != agent.url or current.token_ref != ref:
             cls = MachineUpdated if isinstance(current, MachineRegistered) else MachineRegistered

@@ -1,4 +1,4 @@
-"""The solver: turns data in a run's pool into scheduled steps (DESIGN §4 semantics).
+"""The solver: turns data in a run's pool into scheduled steps (the semantics of docs/ARCHITECTURE.md).
 
 It follows the registry and run subjects from sequence 1 in order, folds every live run, and,
 whenever it has caught up with the stream, decides for each run touched since: schedule input
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .events import (
     DataUnitAdded, Event, RunCompleted, RunDeleted, RunEvent, RunStarted, RunTerminated,
-    RunTerminationRequested, StepInput, StepScheduled, StoredEvent,
+    RunTerminationRequested, StepInput, StepScheduled, StoredEvent, of_aggregate, subject_filters,
 )
 from .registry import Registry
 from .runstate import RunState
@@ -138,6 +138,8 @@ def build_step(run: RunState, registry: Registry, step_id: str, op: str, inputs:
 
 class Solver:
     ACTOR = "solver"
+    CONSUMES = (*of_aggregate("run"), *of_aggregate("datakind"), *of_aggregate("operator"))
+    """Every run event (the fold) and the registry (which operators consume which kinds)."""
     DECIDE_EVERY = 512  # events folded while behind before deciding anyway
 
     def __init__(self, store: EventStore, *, max_steps_per_run: int = 10_000) -> None:
@@ -150,7 +152,7 @@ class Solver:
         self.decisions = 0
 
     async def run(self) -> None:
-        sub = await self.store.subscribe(["mlynar.run.>", "mlynar.datakind.>", "mlynar.operator.>"])
+        sub = await self.store.subscribe(subject_filters(self.CONSUMES))
         if sub.start_head == 0:
             self.caught_up.set()
         since_decide = 0

@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 
-from .events import STREAM, SUBJECT_PREFIX, Envelope, Event, StoredEvent, UnknownEventType
+from .events import STREAM, SUBJECT_PREFIX, Envelope, Event, StoredEvent, UnknownEventType, key_filter
 
 log = logging.getLogger("mlynar.store")
 
@@ -40,11 +40,11 @@ class Appended:
 
 
 def run_filter(run_id: str) -> str:
-    return f"{SUBJECT_PREFIX}.run.{run_id}.>"
+    return key_filter("run", run_id)
 
 
 def aggregate_filter(event: Event) -> str:
-    return f"{SUBJECT_PREFIX}.{event.aggregate}.{event.key()}.>"
+    return key_filter(event.aggregate, event.key())
 
 
 def decode(msg: nats.aio.msg.Msg) -> StoredEvent | None:

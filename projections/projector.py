@@ -26,7 +26,7 @@ from mlynar_events.events import (
     DataKindDeclared, DataKindDeleted, DataUnitAdded, Event, MachineDeleted, MachineRegistered,
     MachineUpdated, OperatorDeclared, OperatorDeleted, RunCompleted, RunCreated, RunDeleted,
     RunStarted, RunTerminated, RunTerminationRequested, StepAttemptFailed, StepCancelled,
-    StepFailed, StepScheduled, StepStarted, StepSucceeded, StoredEvent,
+    CATALOGUE, StepFailed, StepScheduled, StepStarted, StepSucceeded, StoredEvent, subject_filters,
 )
 from mlynar_events.store import EventStore, Subscription
 
@@ -373,6 +373,10 @@ async def follow(
 
 
 class Projector:
+    CONSUMES = tuple(CATALOGUE.values())
+    """Every event: the views need most of them, and the position it checkpoints (and the API
+    waits on for read-your-writes) must pass through every sequence of the stream."""
+
     def __init__(self, store: EventStore, db: aiosqlite.Connection) -> None:
         self.store = store
         self.db = db
@@ -381,7 +385,7 @@ class Projector:
 
     async def run(self) -> None:
         self.position = await checkpoint(self.db)
-        sub = await self.store.subscribe("mlynar.>", self.position + 1)
+        sub = await self.store.subscribe(subject_filters(self.CONSUMES), self.position + 1)
         try:
             await follow(sub, self._commit, BATCH)
         finally:
@@ -426,7 +430,7 @@ async def rebuild(store: EventStore, path: Path, progress: Callable[[int, int], 
 
         head = await store.last_seq()
         if head:
-            sub = await store.subscribe("mlynar.>", 1)
+            sub = await store.subscribe(subject_filters(Projector.CONSUMES), 1)
             try:
                 done = await follow(sub, commit, REBUILD_BATCH, head, progress)
             finally:

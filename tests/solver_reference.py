@@ -1,4 +1,4 @@
-"""A brute-force model of Mlynar's turn loop (DESIGN §4), the oracle for the solver tests.
+"""A brute-force model of Mlynar's turn loop (docs/ARCHITECTURE.md, "Mlynar semantics"), the oracle for the solver tests.
 
 Every turn, for every operator, the candidates of each input are the pool's units of that input's
 kind whose ancestors don't contain the operator; every input set is one candidate per input (the

@@ -1,5 +1,5 @@
 """The machine agent (``mlynar machine-agent``): a small aiohttp service on a user's host that
-runs steps, nothing else. See DESIGN.md section 3 and :mod:`executors.agent.app` for the protocol.
+runs steps, nothing else. See docs/ARCHITECTURE.md ("Roles") and :mod:`executors.agent.app` for the protocol.
 
 Modules: :mod:`.models` (wire models), :mod:`.settings` (configuration), :mod:`.sandbox` (on-disk
 layout), :mod:`.runner` (process groups, timeouts, outputs), :mod:`.app` (HTTP API and

@@ -25,6 +25,7 @@ from typing import Any
 from mlynar_events import registry as reg
 from mlynar_events.config import ServeSettings
 from mlynar_events.errors import Conflict, Invalid, NotFound
+from mlynar_events.events import DataKindDeclared, OperatorDeclared, of_aggregate, subject_filters
 from mlynar_events.specs import SpecError, parse_document
 from mlynar_events.store import ConcurrencyConflict, EventStore
 
@@ -42,6 +43,9 @@ def _name(obj: dict[str, Any]) -> str:
 
 
 class CrdSync:
+    CONSUMES = reg.Registry.CONSUMES
+    """Read back (not followed) to find what it declared earlier and may prune."""
+
     def __init__(self, kube: Kube | None, store: EventStore, enabled: bool = True) -> None:
         self.kube = kube
         self.store = store
@@ -143,8 +147,9 @@ class CrdSync:
         """Delete what crd-sync declared earlier and whose custom resource no longer exists."""
         aggregate = "datakind" if kind == "DataKind" else "operator"
         last: dict[str, str] = {}
-        for stored in await self.store.read(f"mlynar.{aggregate}.>"):
-            last[stored.event.name] = stored.envelope.actor if stored.event.type_name().endswith("Declared") else ""  # type: ignore[attr-defined]
+        for stored in await self.store.read(subject_filters(of_aggregate(aggregate))[0]):
+            declared = isinstance(stored.event, (DataKindDeclared, OperatorDeclared))
+            last[stored.event.name] = stored.envelope.actor if declared else ""  # type: ignore[attr-defined]
         for name, actor in sorted(last.items()):
             if actor == ACTOR and name not in present:
                 log.info("custom resource disappeared while not watched", extra={"kind": kind, "resource": name})

@@ -4,7 +4,7 @@ Per attempt: a Secret with the step credential, a PVC, and a Job whose pod runs
 
 1. init container ``download`` (wrapper image): fetches the inputs from the API into the PVC;
 2. init container ``operator``: the operator's ``spec.image`` with ``spec.args`` and the step
-   environment of DESIGN §4 (constantEnv, configurableEnv, one ``<fileLocationEnv>`` per input,
+   environment of docs/ARCHITECTURE.md (constantEnv, configurableEnv, one ``<fileLocationEnv>`` per input,
    ``MLYNAR_OUTPUT_DIR``), ``spec.resources``;
 3. container ``upload`` (wrapper image): returns the outputs listed in the manifest to the API.
 
@@ -61,7 +61,7 @@ def input_path(index: int, filename: str) -> str:
 
 
 def operator_env(step: StepScheduled) -> list[dict[str, str]]:
-    """DESIGN §4 order: step.env (constantEnv then configurableEnv, already resolved), then one
+    """The step environment order (docs/ARCHITECTURE.md): step.env (constantEnv then configurableEnv, already resolved), then one
     ``<fileLocationEnv>=<path>`` per input, then ``MLYNAR_OUTPUT_DIR``."""
     env = [{"name": k, "value": v} for k, v in step.env.items()]
     env += [{"name": inp.env, "value": input_path(i, inp.filename)} for i, inp in enumerate(step.inputs)]

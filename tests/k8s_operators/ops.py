@@ -1,5 +1,5 @@
 """Operators for the Kubernetes executor tests, run by the stand-in's ``test/python`` image:
-``python ops.py <name>`` with the step environment of DESIGN §4 (inputs in ``<fileLocationEnv>``,
+``python ops.py <name>`` with the step environment of docs/ARCHITECTURE.md (inputs in ``<fileLocationEnv>``,
 outputs into ``$MLYNAR_OUTPUT_DIR`` with ``mlynar-out.json``)."""
 
 import json
