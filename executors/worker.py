@@ -114,6 +114,9 @@ class StepWorker:
                 while self.active >= self.concurrency:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
+                if cancels.done():  # without it a cancel would never reach a running step
+                    raise RuntimeError("the executor's cancellation follower stopped") from (
+                        None if cancels.cancelled() else cancels.exception())
                 try:
                     msgs = await psub.fetch(batch=self.concurrency - self.active, timeout=5.0)
                 except asyncio.TimeoutError:
@@ -124,9 +127,11 @@ class StepWorker:
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
         finally:
-            await cancel_and_wait([cancels, *self._tasks])
+            # Stop pulling first: a pull request still open on the server would take the steps
+            # handed back below and hold them, unacknowledged, for the whole ack_wait.
             with contextlib.suppress(Exception):  # the connection may be draining already
                 await psub.unsubscribe()
+            await cancel_and_wait([cancels, *self._tasks])
 
     async def _handle(self, msg) -> None:  # type: ignore[no-untyped-def]
         heartbeat = asyncio.create_task(self._heartbeat(msg))
@@ -136,7 +141,13 @@ class StepWorker:
                 await self.execute(stored.event)
             await msg.ack()
         except asyncio.CancelledError:
-            raise  # shutting down: no ack, another executor gets it after ack_wait
+            # Draining on shutdown: hand the step back at once (a nak without delay) instead of
+            # leaving it to ack_wait, so another executor takes it now. What this one started is
+            # left running where it runs (agent step, Job) and is re-attached by the next one.
+            log.info("handing the step back on shutdown", extra={"subject": msg.subject})
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            raise
         except Exception:
             log.exception("step handling failed; it will be redelivered", extra={"subject": msg.subject})
             try:

@@ -554,6 +554,61 @@ outputs(("once-out", "out.txt", "ran once"))
         assert not any(r.get("message") == "starting step" for r in second.json_lines())
 
 
+async def test_graceful_stop_hands_the_step_back_at_once(nats_url: str, procs: Any, tmp_path: Path) -> None:
+    """SIGTERM drains: the stopping executor naks its in-flight step, so the next executor takes
+    it now. With an ack-wait of 10 minutes, a step left to redelivery would outlast this test."""
+    import aiohttp
+
+    blobs = tmp_path / "blobs"
+    common = ["--nats-url", nats_url, "--no-local-machine", "--blob-dir", str(blobs), "--log-format", "json",
+              "--log-level", "INFO"]
+    api_proc = procs("api", "serve", "--roles", "api,projector,solver", "--port", "0",
+                     "--data-dir", str(tmp_path / "api-data"), *common)
+    token_file = tmp_path / "agent-token"
+    token_file.write_text("agent-secret-token\n")
+    agent = procs("agent", "machine-agent", "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file),
+                  "--work-dir", str(tmp_path / "agent-work"))
+    executor_args = ["serve", "--roles", "executor", "--executor-ack-wait", "600", *common]
+    first = procs("executor-1", *executor_args, "--data-dir", str(tmp_path / "exec-1"))
+
+    api_url = await api_proc.wait_log(serving_url, "API listening")
+    agent_url = (await agent.wait_log(lambda p: _agent_url(p.text()), "agent listening"))
+    await first.wait_log(logged("executor started"), "executor started")
+
+    ledger, gate = tmp_path / "ledger.txt", tmp_path / "release"
+    once = script(tmp_path, "once", '''
+with open(os.environ["LEDGER"], "a") as f:
+    f.write(f"ran as {os.getpid()}\\n")
+wait_for(os.environ["GATE"])
+outputs(("once-out", "out.txt", "ran once"))
+''')
+    async with aiohttp.ClientSession(api_url) as http:
+        api = Api(http, None)
+        status, body = await api.call("POST", "/api/machines", json={
+            "name": "remote", "url": agent_url, "token": "agent-secret-token"})
+        assert status == 201, body
+        await declare(api, data_kind("once-out"),
+                      operator("once", once, machine="remote", outputs=["once-out"],
+                               env={"LEDGER": str(ledger), "GATE": str(gate)}))
+        run_id = await api.create_run()
+        await start(api, run_id)
+        await wait_until(lambda: _lines(ledger, 1), what="the step to start on the agent")
+        step = await wait_step(api, run_id, "once", "running")
+
+        first.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        assert first.proc.wait(30) == 0  # type: ignore[union-attr]
+        assert logged("handing the step back on shutdown")(first)
+        second = procs("executor-2", *executor_args, "--data-dir", str(tmp_path / "exec-2"))
+        await second.wait_log(logged("re-attaching step"), "the handed-back step re-attached", timeout=30)
+        gate.touch()
+
+        run = await api.wait_status(run_id, "complete", timeout=30)
+        [step] = steps_of(run, "once")
+        assert step["status"] == "success", step
+        assert step["attempt"] == 1
+        assert len(ledger.read_text().splitlines()) == 1, ledger.read_text()
+
+
 def _agent_url(text: str) -> str | None:
     for line in text.splitlines():
         if "listening on " in line and line.startswith("mlynar machine-agent"):
