@@ -134,7 +134,7 @@ class Service:
         site = web.TCPSite(runner, s.host, s.port)
         await site.start()
         self.closers.append(runner.cleanup)
-        port = site._server.sockets[0].getsockname()[1] if site._server and site._server.sockets else s.port  # type: ignore[union-attr]
+        port = runner.addresses[0][1] if runner.addresses else s.port  # the bound port when --port 0
         self.api_url = f"http://{s.host}:{port}"
 
     async def _start_executor(self, store: EventStore, blobs: FileBlobStore, secrets: SecretStore) -> None:
