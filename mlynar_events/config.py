@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,40 +84,42 @@ def resolve_repeats(ns: argparse.Namespace) -> argparse.Namespace:
 
 
 class ServeSettings(BaseModel):
-    """Settings of ``mlynar serve``; every field is a flag (see :func:`add_serve_flags`)."""
+    """Settings of ``mlynar serve``. Every field is a flag and a variable (``--max-parallel``,
+    ``MLYNAR_MAX_PARALLEL``), derived from the field by :func:`add_serve_flags`: its annotation
+    gives the flag's type, its ``description`` the help."""
 
-    data_dir: Path = Path(".mlynar")
-    nats_url: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 3000
-    registry: list[Path] = Field(default_factory=list)
-    roles: list[str] = Field(default_factory=lambda: ["api", "projector", "solver", "executor"])
-    blob_dir: Path | None = None
-    db_path: Path | None = None
-    max_upload_bytes: int = 4 * 1024**3
-    max_json_bytes: int = 1024**2
-    max_parallel: int = 8
-    max_steps_per_run: int = 10_000
-    executor_concurrency: int = 16
-    executor_ack_wait: float = 30.0
-    local_machine: bool = True
-    api_token_file: Path | None = None
-    insecure_no_auth: bool = False
-    duplicate_window: float = 120.0
-    stream_replicas: int = 1
-    log_level: str = "INFO"
-    log_format: str = "text"
-    public_url: str | None = None
+    data_dir: Path = Field(Path(".mlynar"), description="where JetStream data, blobs, the projection database and secrets live")
+    nats_url: str | None = Field(None, description="use this NATS server instead of starting the embedded one")
+    host: str = Field("127.0.0.1", description="address the REST API listens on")
+    port: int = Field(3000, description="port of the REST API")
+    registry: list[Path] = Field(default_factory=list, description="a YAML file or directory of DataKind/Operator documents to declare at start")
+    roles: list[str] = Field(default_factory=lambda: ["api", "projector", "solver", "executor"], description="comma-separated roles this process hosts: api,projector,solver,executor,crd-sync")
+    blob_dir: Path | None = Field(None, description="file blob store directory (default DATA_DIR/blobs)")
+    db_path: Path | None = Field(None, description="projection SQLite file (default DATA_DIR/projections.sqlite3)")
+    max_upload_bytes: int = Field(4 * 1024**3, description="largest accepted upload (413 above)")
+    max_json_bytes: int = Field(1024**2, description="largest accepted JSON body (413 above)")
+    max_parallel: int = Field(8, description="default per-run limit of concurrently running steps")
+    max_steps_per_run: int = Field(10_000, description="a run that would schedule more steps is terminated")
+    executor_concurrency: int = Field(16, description="steps one executor process runs at once")
+    executor_ack_wait: float = Field(30.0, description="seconds without a heartbeat before a step of a dead executor is redelivered")
+    local_machine: bool = Field(True, description="start the built-in agent registered as machine 'local'")
+    api_token_file: Path | None = Field(None, description="file holding the bearer token the REST API requires")
+    insecure_no_auth: bool = Field(False, description="allow a non-loopback --host without --api-token-file")
+    duplicate_window: float = Field(120.0, description="JetStream duplicate window in seconds")
+    stream_replicas: int = Field(1, description="replicas of the MLYNAR stream (3 in a cluster)")
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
+    log_format: str = Field("text", description="text or json")
+    public_url: str | None = Field(None, description="base URL used in data unit 'url' fields (default: the request's own)")
     # Kubernetes executor
-    kube_namespace: str = "default"
-    kube_config: Path | None = None
-    kube_in_cluster: bool = False
-    kube_storage_class: str | None = None
-    kube_pvc_size: str = "1Gi"
-    kube_wrapper_image: str = "mlynar-events:latest"
-    kube_keep_failed_jobs: bool = False
-    kube_watch_crds: bool = False
-    kube_api_url: str = "http://mlynar-api:3000"
+    kube_namespace: str = Field("default", description="namespace of step Jobs and watched CRDs")
+    kube_config: Path | None = Field(None, description="kubeconfig file for the Kubernetes executor")
+    kube_in_cluster: bool = Field(False, description="use the pod's service account")
+    kube_storage_class: str | None = Field(None, description="storage class of step PVCs")
+    kube_pvc_size: str = Field("1Gi", description="size of step PVCs")
+    kube_wrapper_image: str = Field("mlynar-events:latest", description="image running the download/upload wrapper")
+    kube_keep_failed_jobs: bool = Field(False, description="keep the Job and PVC of a failed step for inspection")
+    kube_watch_crds: bool = Field(False, description="(with role crd-sync) watch DataKind/Operator CRDs")
+    kube_api_url: str = Field("http://mlynar-api:3000", description="URL of the REST API as step Jobs' wrapper containers reach it")
 
     @property
     def resolved_blob_dir(self) -> Path:
@@ -149,39 +153,32 @@ def _roles(text: str) -> list[str]:
     return roles
 
 
+PARSERS: dict[str, Callable[[str], Any]] = {"roles": _roles}
+"""Fields whose flag needs more than its annotation's type to parse its text."""
+
+
+def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], bool, bool]:
+    """(parser of one value, repeatable, boolean) for a field's annotation: ``X | None`` is X,
+    ``list[X]`` repeats, ``bool`` is ``--x/--no-x``."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if annotation is bool:
+        return str, False, True
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True, False
+    return annotation, False, False
+
+
 def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    d = ServeSettings()
-    flag(p, "--data-dir", default=d.data_dir, type=Path, help="where JetStream data, blobs, the projection database and secrets live")
-    flag(p, "--nats-url", default=None, help="use this NATS server instead of starting the embedded one")
-    flag(p, "--host", default=d.host, help="address the REST API listens on")
-    flag(p, "--port", default=d.port, type=int, help="port of the REST API")
-    flag(p, "--registry", type=Path, repeat=True, help="a YAML file or directory of DataKind/Operator documents to declare at start")
-    flag(p, "--roles", default=d.roles, type=_roles, help="comma-separated roles this process hosts: api,projector,solver,executor,crd-sync")
-    flag(p, "--blob-dir", default=None, type=Path, help="file blob store directory (default DATA_DIR/blobs)")
-    flag(p, "--db-path", default=None, type=Path, help="projection SQLite file (default DATA_DIR/projections.sqlite3)")
-    flag(p, "--max-upload-bytes", default=d.max_upload_bytes, type=int, help="largest accepted upload (413 above)")
-    flag(p, "--max-json-bytes", default=d.max_json_bytes, type=int, help="largest accepted JSON body (413 above)")
-    flag(p, "--max-parallel", default=d.max_parallel, type=int, help="default per-run limit of concurrently running steps")
-    flag(p, "--max-steps-per-run", default=d.max_steps_per_run, type=int, help="a run that would schedule more steps is terminated")
-    flag(p, "--executor-concurrency", default=d.executor_concurrency, type=int, help="steps one executor process runs at once")
-    flag(p, "--executor-ack-wait", default=d.executor_ack_wait, type=float, help="seconds without a heartbeat before a step of a dead executor is redelivered")
-    flag(p, "--local-machine", default=d.local_machine, boolean=True, help="start the built-in agent registered as machine 'local'")
-    flag(p, "--api-token-file", default=None, type=Path, help="file holding the bearer token the REST API requires")
-    flag(p, "--insecure-no-auth", default=False, boolean=True, help="allow a non-loopback --host without --api-token-file")
-    flag(p, "--duplicate-window", default=d.duplicate_window, type=float, help="JetStream duplicate window in seconds")
-    flag(p, "--stream-replicas", default=d.stream_replicas, type=int, help="replicas of the MLYNAR stream (3 in a cluster)")
-    flag(p, "--log-level", default=d.log_level, help="DEBUG, INFO, WARNING, ERROR")
-    flag(p, "--log-format", default=d.log_format, help="text or json")
-    flag(p, "--public-url", default=None, help="base URL used in data unit 'url' fields (default: the request's own)")
-    flag(p, "--kube-namespace", default=d.kube_namespace, help="namespace of step Jobs and watched CRDs")
-    flag(p, "--kube-config", default=None, type=Path, help="kubeconfig file for the Kubernetes executor")
-    flag(p, "--kube-in-cluster", default=False, boolean=True, help="use the pod's service account")
-    flag(p, "--kube-storage-class", default=None, help="storage class of step PVCs")
-    flag(p, "--kube-pvc-size", default=d.kube_pvc_size, help="size of step PVCs")
-    flag(p, "--kube-wrapper-image", default=d.kube_wrapper_image, help="image running the download/upload wrapper")
-    flag(p, "--kube-keep-failed-jobs", default=False, boolean=True, help="keep the Job and PVC of a failed step for inspection")
-    flag(p, "--kube-watch-crds", default=False, boolean=True, help="(with role crd-sync) watch DataKind/Operator CRDs")
-    flag(p, "--kube-api-url", default=d.kube_api_url, help="URL of the REST API as step Jobs' wrapper containers reach it")
+    """One flag per field of :class:`ServeSettings`, declared from the field itself."""
+    defaults = ServeSettings()
+    for name, field in ServeSettings.model_fields.items():
+        parse, repeat, boolean = _flag_type(field.annotation)
+        default = getattr(defaults, name)
+        flag(p, "--" + name.replace("_", "-"), default=None if repeat and not default else default,
+             type=PARSERS.get(name, parse), help=field.description or "", repeat=repeat and name not in PARSERS,
+             boolean=boolean)
 
 
 def serve_settings(ns: argparse.Namespace) -> ServeSettings:

@@ -1,0 +1,51 @@
+"""Configuration has one source: each field of ServeSettings is a flag and a MLYNAR_* variable of
+the same name, with the field's own type and help."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlynar_events import cli, config
+from mlynar_events.config import ServeSettings
+
+
+def parse(*argv: str) -> ServeSettings:
+    return config.serve_settings(cli.build_parser().parse_args(["serve", *argv]))
+
+
+def test_every_field_is_a_flag_with_its_variable_and_help() -> None:
+    text = cli.build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for name, field in ServeSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, flag
+        assert config.env_name(flag) in text, flag
+        assert field.description, f"{name} has no help"
+
+
+def test_variables_are_read_with_the_fields_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLYNAR_PORT", "4001")
+    monkeypatch.setenv("MLYNAR_EXECUTOR_ACK_WAIT", "2.5")
+    monkeypatch.setenv("MLYNAR_REGISTRY", "a.yaml,b")
+    monkeypatch.setenv("MLYNAR_ROLES", "api,solver")
+    monkeypatch.setenv("MLYNAR_LOCAL_MACHINE", "false")
+    monkeypatch.setenv("MLYNAR_BLOB_DIR", "/srv/blobs")
+    s = parse()
+    assert (s.port, s.executor_ack_wait, s.registry, s.roles, s.local_machine, s.blob_dir) == (
+        4001, 2.5, [Path("a.yaml"), Path("b")], ["api", "solver"], False, Path("/srv/blobs"))
+
+
+def test_a_flag_wins_over_its_variable_and_defaults_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLYNAR_PORT", "4001")
+    monkeypatch.setenv("MLYNAR_REGISTRY", "from-env")
+    s = parse("--port", "4002", "--registry", "x", "--registry", "y", "--no-local-machine")
+    assert (s.port, s.registry, s.local_machine) == (4002, [Path("x"), Path("y")], False)
+    assert parse().model_dump(exclude={"port", "registry"}) == ServeSettings().model_dump(exclude={"port", "registry"})
+
+
+def test_a_bad_value_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit):
+        parse("--roles", "api,nonsense")
+    with pytest.raises(SystemExit):
+        parse("--port", "many")
