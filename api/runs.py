@@ -27,7 +27,7 @@ from projections import queries
 
 from .context import ApiContext, ctx
 from .errors import BadRequest, CommandTooLarge, json_body
-from .models import DataUnitOut, ParamIn, ParamOut, RunOut, RunSummary, StepCounts, StepOut
+from .models import DataUnitOut, ParamIn, RunSummary, StepCounts, StepOut
 
 log = logging.getLogger("mlynar.api.runs")
 ACTOR = "api"
@@ -106,31 +106,14 @@ def counts(run: dict[str, Any]) -> StepCounts:
                       cancelled=run["steps_cancelled"], active=run["steps_total"] - done)
 
 
-async def param_pool_out(c: ApiContext, pool: dict[str, dict[str, str]]) -> dict[str, list[ParamOut]]:
-    ops = {o["name"]: o["spec"] for o in await queries.operators(c.db)} if pool else {}
-    out: dict[str, list[ParamOut]] = {}
-    for op, values in pool.items():
-        defaults = {e["name"]: e.get("defaultValue", "") for e in ops.get(op, {}).get("configurableEnv", [])}
-        out[op] = [ParamOut(name=n, defaultValue=defaults.get(n, ""), value=v) for n, v in values.items()]
-    return out
-
-
-async def run_out(request: web.Request, c: ApiContext, run_id: str) -> RunOut:
-    import json
-
-    found = await queries.get_run(c.db, run_id)
-    if found is None:
+async def run_response(request: web.Request, c: ApiContext, run_id: str, status: int = 200) -> web.Response:
+    """A run as every route answers it (``RunOut``'s shape). One renderer: the JSON text SQLite
+    builds from the views (:func:`projections.queries.run_body`), for ``GET`` and the commands
+    alike."""
+    body = await queries.run_body(c.db, run_id, base_url(request, c))
+    if body is None:
         raise NotFound(f"run {run_id!r} does not exist")
-    run, base = found["run"], base_url(request, c)
-    return RunOut(
-        id=run["id"], status=run["status"],
-        steps=[step_out(base, s) for s in found["steps"]],
-        dataPool=[unit_out(base, u) for u in found["units"]],
-        paramPool=await param_pool_out(c, json.loads(run["param_pool"])),
-        stepCounts=counts(run), maxParallel=run["max_parallel"],
-        terminationReason=run["termination_reason"], createdAt=run["created_at"],
-        updatedAt=run["updated_at"], version=run["version"],
-    )
+    return web.Response(text=body, status=status, content_type="application/json")
 
 
 def ok(model: Any, status: int = 200) -> web.Response:
@@ -146,7 +129,7 @@ async def create_run(request: web.Request) -> web.Response:
     ack = await c.store.append(RunCreated(run_id=run_id), actor=_actor(request), msg_id=f"{run_id}:created", expected_seq=0)
     await c.caught_up(ack.seq)
     log.info("run created", extra={"run_id": run_id})
-    return ok(await run_out(request, c, run_id), 201)
+    return await run_response(request, c, run_id, 201)
 
 
 async def list_runs(request: web.Request) -> web.Response:
@@ -164,14 +147,8 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def get_run(request: web.Request) -> web.Response:
-    """``RunOut``'s shape as JSON text straight from the views (the hottest read: no pydantic
-    validation of our own rows, no ``json.dumps``)."""
-    c = ctx(request)
-    run_id = _run_id(request)
-    body = await queries.run_body(c.db, run_id, base_url(request, c))
-    if body is None:
-        raise NotFound(f"run {run_id!r} does not exist")
-    return web.Response(text=body, content_type="application/json")
+    """The hottest read: JSON text straight from the views, no pydantic, no ``json.dumps``."""
+    return await run_response(request, ctx(request), _run_id(request))
 
 
 async def _first_file_part(request: web.Request) -> BodyPartReader:
@@ -319,7 +296,7 @@ async def start_run(request: web.Request) -> web.Response:
     _, seq = await decide_and_append(c, run_id, decide, _actor(request))
     await c.caught_up(seq)
     log.info("run started", extra={"run_id": run_id, "max_parallel": max_parallel})
-    return ok(await run_out(request, c, run_id))
+    return await run_response(request, c, run_id)
 
 
 async def terminate_run(request: web.Request) -> web.Response:
@@ -338,7 +315,7 @@ async def terminate_run(request: web.Request) -> web.Response:
     _, seq = await decide_and_append(c, run_id, decide, _actor(request))
     await c.caught_up(seq)
     log.info("run termination requested", extra={"run_id": run_id, "cancel": cancel})
-    return ok(await run_out(request, c, run_id))
+    return await run_response(request, c, run_id)
 
 
 async def delete_run(request: web.Request) -> web.Response:
