@@ -486,6 +486,7 @@ def procs(tmp_path: Path, nats_url: str):  # type: ignore[no-untyped-def]
         started.append(p)
         return p
 
+    spawn.started = started  # type: ignore[attr-defined]
     try:
         yield spawn
     finally:
@@ -493,7 +494,11 @@ def procs(tmp_path: Path, nats_url: str):  # type: ignore[no-untyped-def]
             p.stop()
 
 
-async def test_executor_crash_reattaches_the_step(nats_url: str, procs: Any, tmp_path: Path) -> None:
+async def _split_roles(nats_url: str, procs: Any, tmp_path: Path, ack_wait: str) -> tuple[Any, Any, Any, list[str]]:
+    """API+solver, an agent and a first executor as separate processes, and a run of the
+    operator ``once`` (it appends to a ledger per real execution, then waits for a gate) with
+    its step running on the agent. Returns (api client session, first executor, the running
+    step, the executor's arguments); the caller closes the session."""
     import aiohttp
 
     blobs = tmp_path / "blobs"
@@ -505,47 +510,58 @@ async def test_executor_crash_reattaches_the_step(nats_url: str, procs: Any, tmp
     token_file.write_text("agent-secret-token\n")
     agent = procs("agent", "machine-agent", "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file),
                   "--work-dir", str(tmp_path / "agent-work"))
-    executor_args = ["serve", "--roles", "executor", "--executor-ack-wait", "2", *common]
+    executor_args = ["serve", "--roles", "executor", "--executor-ack-wait", ack_wait, *common]
     first = procs("executor-1", *executor_args, "--data-dir", str(tmp_path / "exec-1"))
 
     api_url = await api_proc.wait_log(serving_url, "API listening")
     agent_url = (await agent.wait_log(lambda p: _agent_url(p.text()), "agent listening"))
     await first.wait_log(logged("executor started"), "executor started")
 
-    ledger, gate = tmp_path / "ledger.txt", tmp_path / "release"
     once = script(tmp_path, "once", '''
 with open(os.environ["LEDGER"], "a") as f:
     f.write(f"ran as {os.getpid()}\\n")
 wait_for(os.environ["GATE"])
 outputs(("once-out", "out.txt", "ran once"))
 ''')
-    async with aiohttp.ClientSession(api_url) as http:
-        api = Api(http, None)
-        status, body = await api.call("POST", "/api/machines", json={
-            "name": "remote", "url": agent_url, "token": "agent-secret-token"})
-        assert status == 201, body
-        await declare(api, data_kind("once-out"),
-                      operator("once", once, machine="remote", outputs=["once-out"],
-                               env={"LEDGER": str(ledger), "GATE": str(gate)}))
-        run_id = await api.create_run()
-        await start(api, run_id)
-        await wait_until(lambda: _lines(ledger, 1), what="the step to start on the agent")
-        step = await wait_step(api, run_id, "once", "running")
+    http = aiohttp.ClientSession(api_url)
+    api = Api(http, None)
+    status, body = await api.call("POST", "/api/machines", json={
+        "name": "remote", "url": agent_url, "token": "agent-secret-token"})
+    assert status == 201, body
+    await declare(api, data_kind("once-out"),
+                  operator("once", once, machine="remote", outputs=["once-out"],
+                           env={"LEDGER": str(tmp_path / "ledger.txt"), "GATE": str(tmp_path / "release")}))
+    run_id = await api.create_run()
+    await start(api, run_id)
+    await wait_until(lambda: _lines(tmp_path / "ledger.txt", 1), what="the step to start on the agent")
+    step = await wait_step(api, run_id, "once", "running")
+    return api, first, {**step, "run_id": run_id}, executor_args
 
+
+async def _finish_once(api: Api, tmp_path: Path, step: dict[str, Any]) -> dict[str, Any]:
+    """Open the gate; the run completes with the step succeeded on its first attempt, run once."""
+    (tmp_path / "release").touch()
+    run = await api.wait_status(step["run_id"], "complete", timeout=30)
+    [done] = steps_of(run, "once")
+    assert done["status"] == "success", done
+    assert done["attempt"] == 1
+    ledger = (tmp_path / "ledger.txt").read_text()
+    assert len(ledger.splitlines()) == 1, ledger
+    return run
+
+
+async def test_executor_crash_reattaches_the_step(nats_url: str, procs: Any, tmp_path: Path) -> None:
+    api, first, step, executor_args = await _split_roles(nats_url, procs, tmp_path, ack_wait="2")
+    async with api.http:
         first.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
         first.proc.wait(10)  # type: ignore[union-attr]
         second = procs("executor-2", *executor_args, "--data-dir", str(tmp_path / "exec-2"))
         # the redelivered step (after ack-wait) is re-attached on the agent under the same id
         await second.wait_log(logged("re-attaching step"), "the step re-attached", timeout=30)
+        agent = next(p for p in procs.started if p.name == "agent")
         await agent.wait_log(lambda p: f"step {step['id']}-1: re-PUT with the same manifest" in p.text(),
                              "the agent's re-PUT of the same machine step id")
-        gate.touch()
-
-        run = await api.wait_status(run_id, "complete", timeout=30)
-        [step] = steps_of(run, "once")
-        assert step["status"] == "success", step
-        assert step["attempt"] == 1
-        assert len(ledger.read_text().splitlines()) == 1, ledger.read_text()
+        run = await _finish_once(api, tmp_path, step)
         [unit] = [u for u in run["dataPool"] if u["dataKind"] == "once-out"]
         assert await api.content(unit["url"]) == b"ran once"
         assert run["stepCounts"] == {"total": 1, "succeeded": 1, "failed": 0, "cancelled": 0, "active": 0}
@@ -557,56 +573,14 @@ outputs(("once-out", "out.txt", "ran once"))
 async def test_graceful_stop_hands_the_step_back_at_once(nats_url: str, procs: Any, tmp_path: Path) -> None:
     """SIGTERM drains: the stopping executor naks its in-flight step, so the next executor takes
     it now. With an ack-wait of 10 minutes, a step left to redelivery would outlast this test."""
-    import aiohttp
-
-    blobs = tmp_path / "blobs"
-    common = ["--nats-url", nats_url, "--no-local-machine", "--blob-dir", str(blobs), "--log-format", "json",
-              "--log-level", "INFO"]
-    api_proc = procs("api", "serve", "--roles", "api,projector,solver", "--port", "0",
-                     "--data-dir", str(tmp_path / "api-data"), *common)
-    token_file = tmp_path / "agent-token"
-    token_file.write_text("agent-secret-token\n")
-    agent = procs("agent", "machine-agent", "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file),
-                  "--work-dir", str(tmp_path / "agent-work"))
-    executor_args = ["serve", "--roles", "executor", "--executor-ack-wait", "600", *common]
-    first = procs("executor-1", *executor_args, "--data-dir", str(tmp_path / "exec-1"))
-
-    api_url = await api_proc.wait_log(serving_url, "API listening")
-    agent_url = (await agent.wait_log(lambda p: _agent_url(p.text()), "agent listening"))
-    await first.wait_log(logged("executor started"), "executor started")
-
-    ledger, gate = tmp_path / "ledger.txt", tmp_path / "release"
-    once = script(tmp_path, "once", '''
-with open(os.environ["LEDGER"], "a") as f:
-    f.write(f"ran as {os.getpid()}\\n")
-wait_for(os.environ["GATE"])
-outputs(("once-out", "out.txt", "ran once"))
-''')
-    async with aiohttp.ClientSession(api_url) as http:
-        api = Api(http, None)
-        status, body = await api.call("POST", "/api/machines", json={
-            "name": "remote", "url": agent_url, "token": "agent-secret-token"})
-        assert status == 201, body
-        await declare(api, data_kind("once-out"),
-                      operator("once", once, machine="remote", outputs=["once-out"],
-                               env={"LEDGER": str(ledger), "GATE": str(gate)}))
-        run_id = await api.create_run()
-        await start(api, run_id)
-        await wait_until(lambda: _lines(ledger, 1), what="the step to start on the agent")
-        step = await wait_step(api, run_id, "once", "running")
-
+    api, first, step, executor_args = await _split_roles(nats_url, procs, tmp_path, ack_wait="600")
+    async with api.http:
         first.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
         assert first.proc.wait(30) == 0  # type: ignore[union-attr]
         assert logged("handing the step back on shutdown")(first)
         second = procs("executor-2", *executor_args, "--data-dir", str(tmp_path / "exec-2"))
         await second.wait_log(logged("re-attaching step"), "the handed-back step re-attached", timeout=30)
-        gate.touch()
-
-        run = await api.wait_status(run_id, "complete", timeout=30)
-        [step] = steps_of(run, "once")
-        assert step["status"] == "success", step
-        assert step["attempt"] == 1
-        assert len(ledger.read_text().splitlines()) == 1, ledger.read_text()
+        await _finish_once(api, tmp_path, step)
 
 
 def _agent_url(text: str) -> str | None:
