@@ -11,6 +11,7 @@ from aiohttp import web
 from mlynar_events.errors import Conflict, NotFound
 from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdated
 from mlynar_events.names import is_dns1123_label
+from mlynar_events.secrets import secret_ref
 from mlynar_events.store import ConcurrencyConflict
 from projections import queries
 
@@ -61,7 +62,7 @@ async def update_machine(request: web.Request) -> web.Response:
     current = await _machine(request)
     body = MachineUpdate.model_validate(await json_body(request))
     name = current["name"]
-    token_ref = f"secret:{secret_key(name)}" if current["hasToken"] else None
+    token_ref = secret_ref(secret_key(name)) if current["hasToken"] else None
     if body.token:
         token_ref = await c.secrets.put(secret_key(name), body.token)
     ack = await c.store.append(

@@ -130,16 +130,7 @@ class ServeSettings(BaseModel):
         return self.db_path or self.data_dir / "projections.sqlite3"
 
 
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    h = host.strip().strip("[]")
-    if h.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
+from .netaddr import is_loopback  # noqa: E402,F401  (one rule; serve imports it from here)
 
 
 ALL_ROLES = ("api", "projector", "solver", "executor", "crd-sync")

@@ -21,3 +21,22 @@ def check_dns1123_label(name: str) -> str:
             f"starting and ending with a letter or digit, at most {MAX_LABEL} characters)"
         )
     return name
+
+
+# Kubernetes object names of a step attempt (DESIGN: ``jobName`` / ``pvcName`` in the API).
+JOB_PREFIX = "mlynar-job-"
+PVC_SUFFIX = "-pvc"
+SECRET_SUFFIX = "-cred"
+
+
+def job_name(step_id: str, attempt: int = 1) -> str:
+    """``mlynar-job-<stepId>`` for attempt 1, ``mlynar-job-<stepId>-<attempt>`` after that."""
+    return f"{JOB_PREFIX}{step_id}" + (f"-{attempt}" if attempt >= 2 else "")
+
+
+def pvc_name(job: str) -> str:
+    return f"{job}{PVC_SUFFIX}"
+
+
+def secret_name(job: str) -> str:
+    return f"{job}{SECRET_SUFFIX}"

@@ -19,11 +19,20 @@ _KEY = re.compile(r"^[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]+)*$")
 PREFIX = "secret:"
 
 
-def _key(ref_or_key: str) -> str:
+def secret_key(ref_or_key: str) -> str:
+    """The key of a reference ``secret:<key>`` (a bare key is taken as is); ValueError if invalid."""
     key = ref_or_key.removeprefix(PREFIX)
     if not _KEY.match(key):
         raise ValueError(f"invalid secret key {key!r}")
     return key
+
+
+def secret_ref(key: str) -> str:
+    """The reference events carry for the secret ``key``: ``secret:<key>``."""
+    return PREFIX + secret_key(key)
+
+
+_key = secret_key
 
 
 class SecretStore:
@@ -40,7 +49,7 @@ class SecretStore:
 
     async def put(self, key: str, value: str) -> str:
         await self.kv.put(_key(key), value.encode())
-        return PREFIX + _key(key)
+        return secret_ref(key)
 
     async def get(self, ref: str) -> str | None:
         try:

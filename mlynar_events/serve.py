@@ -21,7 +21,7 @@ from .blobs import FileBlobStore
 from .config import ServeSettings, is_loopback
 from .events import MachineRegistered, MachineUpdated, key_filter
 from .nats_server import EmbeddedNats
-from .secrets import SecretStore
+from .secrets import SecretStore, secret_ref
 from .solver import Solver
 from .specs import load_documents
 from .store import EventStore
@@ -102,7 +102,7 @@ class Service:
         agent = await start_agent(AgentSettings(host="127.0.0.1", port=0, token=token,
                                                 work_dir=self.settings.data_dir / "agent"))
         self.closers.append(agent.stop)
-        ref = f"secret:machine.{LOCAL_MACHINE}"
+        ref = secret_ref(f"machine.{LOCAL_MACHINE}")
         registry = await store.read(key_filter("machine", LOCAL_MACHINE))
         current = registry[-1].event if registry else None
         if not isinstance(current, MachineRegistered) or current.url != agent.url or current.token_ref != ref:

@@ -14,6 +14,8 @@ from typing import Any
 
 import aiosqlite
 
+from mlynar_events.names import JOB_PREFIX, PVC_SUFFIX
+
 from .connection import reader
 
 
@@ -124,14 +126,14 @@ async def dump(db: aiosqlite.Connection, tables: tuple[str, ...]) -> dict[str, l
 # ---- GET /api/run/{id}: the body, as JSON text built by SQLite ---------------------------------
 
 
-RUN_BODY_SQL = """
+RUN_BODY_SQL = f"""
 SELECT json_object(
     'id', r.id,
     'status', r.status,
     'steps', (SELECT json_group_array(json_object(
             'id', s.id,
-            'jobName', 'mlynar-job-' || s.id,
-            'pvcName', 'mlynar-job-' || s.id || '-pvc',
+            'jobName', '{JOB_PREFIX}' || s.id,
+            'pvcName', '{JOB_PREFIX}' || s.id || '{PVC_SUFFIX}',
             'operator', s.operator,
             'status', s.status,
             'inputDataUnits', json(s.inputs),

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from mlynar_events.netaddr import is_loopback as is_loopback_host
 
 DEFAULT_PORT = 5555
 DEFAULT_MAX_INPUT_BYTES = 4 * 1024**3
@@ -21,18 +22,6 @@ def default_max_parallel() -> int:
 
 class AgentConfigError(Exception):
     """The settings do not allow the agent to start (the CLI exits with code 2)."""
-
-
-def is_loopback_host(host: str) -> bool:
-    """``127.0.0.0/8``, ``::1`` and ``localhost`` count as loopback; anything else (including
-    ``0.0.0.0`` and host names) does not."""
-    h = host.strip().strip("[]")
-    if h.lower() in {"localhost", "localhost.localdomain", "ip6-localhost"}:
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False
 
 
 class AgentSettings(BaseModel):

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlynar_events.events import StepScheduled
+from mlynar_events.names import job_name, pvc_name, secret_name  # noqa: F401  (job_name is used as m.job_name)
 
 MANAGED_BY = ("app.kubernetes.io/managed-by", "mlynar")
 RUN_LABEL = "mlynar.dev/run"
@@ -34,21 +35,17 @@ WRAPPER_UID = 10001
 CONTAINERS = ("download", "operator", "upload")
 
 
-def job_name(step_id: str, attempt: int) -> str:
-    return f"mlynar-job-{step_id}" + (f"-{attempt}" if attempt >= 2 else "")
-
-
 @dataclass(frozen=True)
 class StepObjects:
     job: str
 
     @property
     def pvc(self) -> str:
-        return f"{self.job}-pvc"
+        return pvc_name(self.job)
 
     @property
     def secret(self) -> str:
-        return f"{self.job}-cred"
+        return secret_name(self.job)
 
 
 def labels(step: StepScheduled, attempt: int, job: str) -> dict[str, str]:
