@@ -23,6 +23,39 @@ RunStatus = Literal["created", "running", "complete", "terminated", "deleted"]
 StepStatus = Literal["created", "running", "success", "failure", "cancelled"]
 FINISHED: tuple[StepStatus, ...] = ("success", "failure", "cancelled")
 
+REOPEN: Literal["reopen"] = "reopen"
+"""A new unit makes a ``complete`` run ``running`` again (the solver may schedule from it) and
+leaves any other status as it is."""
+
+RUN_STATUS_AFTER: dict[type[Event], RunStatus | Literal["reopen"]] = {
+    RunCreated: "created",
+    DataUnitAdded: REOPEN,
+    RunStarted: "running",
+    RunTerminationRequested: "terminated",  # at once: nothing new is scheduled from here on
+    RunTerminated: "terminated",
+    RunCompleted: "complete",
+    RunDeleted: "deleted",
+}
+"""The run status machine, the one place it is written: this fold and the projector's views
+both apply it."""
+
+STEP_STATUS_AFTER: dict[type[Event], StepStatus] = {
+    StepStarted: "running",
+    StepSucceeded: "success",
+    StepFailed: "failure",
+    StepCancelled: "cancelled",
+}
+"""A step's status after each of its events (a finished step never changes again)."""
+
+
+def run_status_after(event: Event, current: RunStatus | None) -> RunStatus | None:
+    change = RUN_STATUS_AFTER.get(type(event))
+    if change is None:
+        return current
+    if change == REOPEN:
+        return "running" if current == "complete" else current
+    return change
+
 
 @dataclass
 class StepState:
@@ -65,18 +98,14 @@ class RunState:
 
     def apply(self, event: Event, seq: int) -> None:
         self.version = max(self.version, seq)
+        self.status = run_status_after(event, self.status)
         match event:
-            case RunCreated():
-                self.status = "created"
             case DataUnitAdded():
                 self.units[event.unit_id] = event
-                if self.status == "complete":
-                    self.status = "running"
             case RunStarted():
                 self.started = True
                 self.params = event.param_pool
                 self.max_parallel = event.max_parallel
-                self.status = "running"
             case StepScheduled():
                 if event.step_id not in self.steps:
                     self.steps[event.step_id] = StepState(event)
@@ -84,7 +113,7 @@ class RunState:
             case StepStarted():
                 step = self.steps.get(event.step_id)
                 if step and not step.finished:
-                    step.status, step.attempt, step.started = "running", event.attempt, event
+                    step.status, step.attempt, step.started = STEP_STATUS_AFTER[StepStarted], event.attempt, event
             case StepAttemptFailed():
                 step = self.steps.get(event.step_id)
                 if step:
@@ -93,22 +122,17 @@ class RunState:
                 step = self.steps.get(event.step_id)
                 if step and not step.finished:
                     self.active -= 1
+                    step.status = STEP_STATUS_AFTER[type(event)]
                     if isinstance(event, StepSucceeded):
-                        step.status, step.outputs, step.error = "success", event.outputs, None
+                        step.outputs, step.error = event.outputs, None
                     elif isinstance(event, StepFailed):
-                        step.status, step.error = "failure", event.error
+                        step.error = event.error
                     else:
-                        step.status, step.error = "cancelled", event.reason
+                        step.error = event.reason
             case RunTerminationRequested():
                 self.termination = event
-                self.status = "terminated"
             case RunTerminated():
                 self.terminated_final = True
-                self.status = "terminated"
-            case RunCompleted():
-                self.status = "complete"
-            case RunDeleted():
-                self.status = "deleted"
 
 
 class RunStateCache:

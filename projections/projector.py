@@ -30,6 +30,8 @@ from mlynar_events.events import (
 )
 from mlynar_events.store import EventStore, Subscription
 
+from mlynar_events.runstate import RUN_STATUS_AFTER, STEP_STATUS_AFTER
+
 from .connection import in_db_thread
 from .schema import DDL, SCHEMA_VERSION
 
@@ -96,7 +98,7 @@ class RunChanges:
     def statement(self) -> str:
         parts = [f"{column} = ?" for column in self.sets]
         parts += [f"{column} = {column} + ?" for column in self.adds]
-        if self.reopen:  # evaluated on the row as it was before this batch, like the event order says
+        if self.reopen:  # runstate.REOPEN on the row as it was before this batch, like the event order says
             parts.append("status = CASE status WHEN 'complete' THEN 'running' ELSE status END")
         return f"UPDATE runs SET {', '.join(parts)} WHERE id = ?"
 
@@ -198,8 +200,8 @@ def handles(*types: type[Event]) -> Callable[[Handler], Handler]:
 @handles(RunCreated)
 def _run_created(b: Batch, e: RunCreated, seq: int, at: str) -> None:
     if b.execute(
-        "INSERT OR IGNORE INTO runs (id, status, version, created_at, updated_at) VALUES (?, 'created', ?, ?, ?)",
-        (e.run_id, seq, at, at),
+        "INSERT OR IGNORE INTO runs (id, status, version, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+        (e.run_id, RUN_STATUS_AFTER[RunCreated], seq, at, at),
     ):
         b.forget(e.run_id)
 
@@ -211,13 +213,13 @@ def _unit_added(b: Batch, e: DataUnitAdded, seq: int, at: str) -> None:
         (e.unit_id, e.run_id, e.data_kind, json.dumps(e.ancestors), e.filename, e.size, e.sha256,
          e.blob, e.step_id, seq, at),
     )
-    b.reopen(e.run_id)
+    b.reopen(e.run_id)  # RUN_STATUS_AFTER[DataUnitAdded] is REOPEN
     b.touch(e.run_id, seq, at)
 
 
 @handles(RunStarted)
 def _run_started(b: Batch, e: RunStarted, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status="running", param_pool=json.dumps(e.param_pool), max_parallel=e.max_parallel)
+    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunStarted], param_pool=json.dumps(e.param_pool), max_parallel=e.max_parallel)
 
 
 @handles(StepScheduled)
@@ -235,9 +237,9 @@ def _step_scheduled(b: Batch, e: StepScheduled, seq: int, at: str) -> None:
 @handles(StepStarted)
 def _step_started(b: Batch, e: StepStarted, seq: int, at: str) -> None:
     b.execute(
-        "UPDATE steps SET status = 'running', attempt = ?, target = ?, external_id = ?,"
+        "UPDATE steps SET status = ?, attempt = ?, target = ?, external_id = ?,"
         " started_at = COALESCE(started_at, ?) WHERE id = ? AND status IN ('created', 'running')",
-        (e.attempt, e.target, e.external_id, at, e.step_id),
+        (STEP_STATUS_AFTER[StepStarted], e.attempt, e.target, e.external_id, at, e.step_id),
     )
     b.touch(e.run_id, seq, at)
 
@@ -257,12 +259,13 @@ OUTCOME_COLUMN = {"success": "steps_succeeded", "failure": "steps_failed", "canc
 
 @handles(StepSucceeded, StepFailed, StepCancelled)
 def _step_finished(b: Batch, e: StepSucceeded | StepFailed | StepCancelled, seq: int, at: str) -> None:
+    status, attempt, logs = STEP_STATUS_AFTER[type(e)], e.attempt, e.logs_blob
     if isinstance(e, StepSucceeded):
-        status, error, outputs, attempt, logs = "success", None, e.outputs, e.attempt, e.logs_blob
+        error, outputs = None, e.outputs
     elif isinstance(e, StepFailed):
-        status, error, outputs, attempt, logs = "failure", e.error, [], e.attempt, e.logs_blob
+        error, outputs = e.error, []
     else:
-        status, error, outputs, attempt, logs = "cancelled", e.reason, [], e.attempt, e.logs_blob
+        error, outputs = e.reason, []
     if b.execute(
         "UPDATE steps SET status = ?, error = ?, outputs = ?, finished_at = ?,"
         " attempt = COALESCE(?, attempt) WHERE id = ? AND status IN ('created', 'running')",
@@ -279,17 +282,17 @@ def _step_finished(b: Batch, e: StepSucceeded | StepFailed | StepCancelled, seq:
 
 @handles(RunTerminationRequested)
 def _termination(b: Batch, e: RunTerminationRequested, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status="terminated", termination_reason=e.reason, cancel_requested=int(e.cancel))
+    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunTerminationRequested], termination_reason=e.reason, cancel_requested=int(e.cancel))
 
 
 @handles(RunTerminated)
 def _terminated(b: Batch, e: RunTerminated, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status="terminated")
+    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunTerminated])
 
 
 @handles(RunCompleted)
 def _completed(b: Batch, e: RunCompleted, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status="complete")
+    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunCompleted])
 
 
 @handles(RunDeleted)
