@@ -18,6 +18,7 @@ from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdat
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore
 
+from .agent.models import TERMINAL_STATES, StepStatus
 from .backend import Attempt, AttemptResult, Output
 from .machine_client import AgentClient, AgentError
 
@@ -121,7 +122,8 @@ class MachineBackend:
             "timeoutSeconds": step.spec.timeoutSeconds,
         }
         await _with_retries(lambda: client.put_step(sid, manifest, inputs))
-        status = await self._wait(client, sid, a)
+        answer = await self._wait(client, sid, a)
+        status = None if answer is None else StepStatus.model_validate(answer)
         logs = a.workdir / "logs.txt"
         try:
             await _with_retries(lambda: client.download_logs(sid, logs))
@@ -130,16 +132,16 @@ class MachineBackend:
         if status is None:  # cancelled
             await _quietly(client.delete_step(sid))
             return AttemptResult(ok=False, error="cancelled", logs=logs, cancelled=True)
-        if status["state"] != "succeeded":
+        if status.state != "succeeded":
             await _quietly(client.delete_step(sid))
-            error = status.get("error") or f"step {status['state']}"
-            retryable = "not allowed" not in error
-            return AttemptResult(ok=False, error=error, logs=logs, retryable=retryable)
+            error = status.error or f"step {status.state}"
+            # the agent says whether the same step would fail the same way (e.g. refused by --allow)
+            return AttemptResult(ok=False, error=error, logs=logs, retryable=status.retryable)
         outputs = []
-        for out in status.get("outputs", []):
-            dest = a.workdir / "outputs" / str(out["index"])
-            await _with_retries(lambda: client.download_output(sid, out["index"], dest, expected_sha256=out.get("sha256")))
-            outputs.append(Output(out["dataKind"], dest, out["file"].rsplit("/", 1)[-1]))
+        for out in status.outputs:
+            dest = a.workdir / "outputs" / str(out.index)
+            await _with_retries(lambda: client.download_output(sid, out.index, dest, expected_sha256=out.sha256))
+            outputs.append(Output(out.data_kind, dest, out.file.rsplit("/", 1)[-1]))
         await _quietly(client.delete_step(sid))
         return AttemptResult(ok=True, outputs=outputs, logs=logs)
 
@@ -154,7 +156,7 @@ class MachineBackend:
                 return None
             cancel.cancel()
             status = poll.result()
-            if status["state"] in {"succeeded", "failed", "cancelled"}:
+            if status["state"] in TERMINAL_STATES:
                 return status
 
 

@@ -30,6 +30,7 @@ from mlynar_events.events import (
     STREAM, DataUnitAdded, Event, RunDeleted, RunTerminationRequested, StepAttemptFailed, StepCancelled,
     StepFailed, StepScheduled, StepStarted, StepSucceeded, subject_filters,
 )
+from mlynar_events.outputs import OutputManifestError, check_kinds
 from mlynar_events.runstate import RunState, RunStateCache
 from mlynar_events.store import EventStore, decode
 from mlynar_events.tasks import cancel_and_wait
@@ -273,12 +274,10 @@ class StepWorker:
     async def _outputs(self, step: StepScheduled, attempt_no: int, result: AttemptResult, logs: str | None) -> AttemptResult:
         """Check the outputs against the operator, store them, append them and the success
         (the run was seen to exist after the attempt ended)."""
-        allowed = set(step.spec.possibleOutputKinds)
-        bad = sorted({o.data_kind for o in result.outputs} - allowed)
-        if bad:
-            return AttemptResult(ok=False, retryable=False, error=(
-                f"operator {step.operator!r} output data kinds {bad} that are not in its "
-                f"possibleOutputKinds {sorted(allowed)}"))
+        try:
+            check_kinds((o.data_kind for o in result.outputs), step.spec.possibleOutputKinds)
+        except OutputManifestError as exc:
+            return AttemptResult(ok=False, retryable=False, error=f"operator {step.operator!r}: {exc}")
         unit_ids = []
         for index, out in enumerate(result.outputs):
             unit_id = output_unit_id(step.step_id, index)

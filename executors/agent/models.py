@@ -13,6 +13,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# The operator's output manifest lives with its one validator (shared with the Kubernetes wrapper).
+from mlynar_events.outputs import ManifestEntry as OperatorOutput  # noqa: F401
+from mlynar_events.outputs import OutputManifest as OperatorOutputManifest  # noqa: F401
+
 STEP_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,127}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 INPUT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -134,21 +138,6 @@ class StepManifest(BaseModel):
         return self.model_dump(mode="json", by_alias=True)
 
 
-class OperatorOutput(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    data_kind: str = Field(alias="dataKind", min_length=1)
-    file: str = Field(min_length=1)
-
-
-class OperatorOutputManifest(BaseModel):
-    """``$MLYNAR_OUTPUT_DIR/mlynar-out.json`` as written by the operator."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    outputs: list[OperatorOutput]
-
-
 class StepOutput(BaseModel):
     model_config = ConfigDict(populate_by_name=True)
 
@@ -168,6 +157,11 @@ class StepStatus(BaseModel):
     state: StepStateName = "queued"
     exit_code: int | None = Field(default=None, alias="exitCode")
     error: str | None = None
+    retryable: bool = Field(
+        default=True,
+        description="false when running the same step again would fail the same way "
+        "(e.g. the command is refused by --allow); meaningful for failed steps",
+    )
     outputs: list[StepOutput] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc), alias="createdAt")
     started_at: datetime | None = Field(default=None, alias="startedAt")

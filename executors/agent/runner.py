@@ -15,34 +15,30 @@ import errno
 import fcntl
 import fnmatch
 import hashlib
-import json
 import logging
 import os
 import shlex
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import ValidationError
+from mlynar_events.outputs import OutputManifestError, read_output_manifest
 
 from .models import (
     TERMINAL_STATES,
-    OperatorOutputManifest,
     StepManifest,
     StepOutput,
     StepStatus,
     valid_step_id,
 )
-from .sandbox import OUTPUT_MANIFEST, StepDir, remove_tree
+from .sandbox import StepDir, remove_tree
 from .settings import AgentConfigError, AgentSettings
 
 log = logging.getLogger("mlynar.agent")
 
-MAX_OUTPUT_MANIFEST_BYTES = 16 * 1024**2
 HASH_CHUNK = 1024**2
 RESTARTED_ERROR = "agent restarted while the step was running"
 
@@ -103,75 +99,32 @@ class StepFailure(Exception):
 
 
 def collect_outputs(out_dir: Path) -> list[StepOutput]:
-    """Read ``mlynar-out.json`` in ``out_dir`` and describe every output file (size, sha256).
+    """Check ``mlynar-out.json`` in ``out_dir`` (:func:`mlynar_events.outputs.read_output_manifest`)
+    and describe every output file (size, sha256).
 
-    Every output must resolve (symlinks followed) to a regular file inside ``out_dir``, which must
-    itself still be the real directory the agent created (a step cannot swap it for a symlink)."""
+    ``out_dir`` must itself still be the real directory the agent created (a step cannot swap it
+    for a symlink)."""
     out_real = _real_out_dir(out_dir)
     if out_real is None:
         raise StepFailure("MLYNAR_OUTPUT_DIR was removed or replaced by a symlink; it must stay a directory")
-    mf = out_dir / OUTPUT_MANIFEST
-    if not mf.exists() and not mf.is_symlink():
-        raise StepFailure(f"operator wrote no {OUTPUT_MANIFEST} in MLYNAR_OUTPUT_DIR")
     try:
-        mf_real = mf.resolve()
-    except (OSError, RuntimeError) as e:
-        raise StepFailure(f"{OUTPUT_MANIFEST} cannot be resolved: {e}") from e
-    if not mf_real.is_relative_to(out_real) or not mf_real.is_file():
-        raise StepFailure(f"{OUTPUT_MANIFEST} is not a regular file inside MLYNAR_OUTPUT_DIR")
-    if mf_real.stat().st_size > MAX_OUTPUT_MANIFEST_BYTES:
-        raise StepFailure(f"{OUTPUT_MANIFEST} is larger than {MAX_OUTPUT_MANIFEST_BYTES} bytes")
-    try:
-        raw = json.loads(mf_real.read_bytes())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise StepFailure(f"{OUTPUT_MANIFEST} is not valid JSON: {e}") from e
-    try:
-        parsed = OperatorOutputManifest.model_validate(raw)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors()
-        )
-        raise StepFailure(
-            f'{OUTPUT_MANIFEST} does not have the shape {{"outputs": [{{"dataKind": "...", "file": "..."}}]}}: '
-            f"{problems}"
-        ) from e
+        checked = read_output_manifest(out_real)
+    except OutputManifestError as e:
+        raise StepFailure(str(e)) from e
 
     outputs: list[StepOutput] = []
-    for i, entry in enumerate(parsed.outputs):
-        name = entry.file
-        if "\x00" in name:
-            raise StepFailure(f"output {i}: file {name!r} contains a NUL character")
-        try:
-            real = (out_dir / name).resolve()
-        except (OSError, RuntimeError) as e:
-            raise StepFailure(f"output {i}: file {name!r} cannot be resolved: {e}") from e
-        if not real.is_relative_to(out_real) or real == out_real:
-            raise StepFailure(f"output {i}: file {name!r} resolves outside MLYNAR_OUTPUT_DIR ({real})")
-        try:
-            st = real.stat()
-        except FileNotFoundError:
-            raise StepFailure(f"output {i}: file {name!r} does not exist in MLYNAR_OUTPUT_DIR") from None
-        except OSError as e:
-            raise StepFailure(f"output {i}: file {name!r} cannot be read: {e}") from e
-        if not stat.S_ISREG(st.st_mode):
-            raise StepFailure(f"output {i}: file {name!r} is not a regular file")
+    for out in checked:
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(real, "rb") as f:
+            with open(out.path, "rb") as f:
                 while chunk := f.read(HASH_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
         except OSError as e:
-            raise StepFailure(f"output {i}: file {name!r} cannot be read: {e}") from e
+            raise StepFailure(f"output {out.index}: file {out.file!r} cannot be read: {e}") from e
         outputs.append(
-            StepOutput(
-                index=i,
-                data_kind=entry.data_kind,
-                file=real.relative_to(out_real).as_posix(),
-                size=size,
-                sha256=digest.hexdigest(),
-            )
+            StepOutput(index=out.index, data_kind=out.data_kind, file=out.file, size=size, sha256=digest.hexdigest())
         )
     return outputs
 
@@ -389,10 +342,13 @@ class StepManager:
         except OSError as e:
             log.error("step %s: cannot write state.json: %s", step.id, e, extra={"step_id": step.id})
 
-    def _finish(self, step: Step, state: str, error: str | None = None, exit_code: int | None = None) -> None:
+    def _finish(
+        self, step: Step, state: str, error: str | None = None, exit_code: int | None = None, *, retryable: bool = True
+    ) -> None:
         assert state in TERMINAL_STATES
         step.status.state = state  # type: ignore[assignment]
         step.status.error = error
+        step.status.retryable = retryable
         if exit_code is not None:
             step.status.exit_code = exit_code
         step.status.finished_at = _now()
@@ -428,6 +384,7 @@ class StepManager:
                     step,
                     "failed",
                     f"command {shlex.join(argv)!r} is not allowed by --allow patterns {self.settings.allow!r}",
+                    retryable=False,  # the same command is refused again
                 )
                 return
             async with self._slots:

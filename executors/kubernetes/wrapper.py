@@ -1,13 +1,16 @@
 """The download/upload wrapper of a Kubernetes step Job: ``python -m executors.kubernetes.wrapper
-download|upload``. Standard library only, so it is cheap to start and easy to audit.
+download|upload``. The standard library plus :mod:`mlynar_events.outputs` (pydantic), which the
+image installs with the rest of the package (deploy/Dockerfile), so it is cheap to start and easy
+to audit.
 
 * ``download`` (init container 1) fetches every input of the step from the API
   (``GET /api/run/{run}/returns/{step}/inputs/{i}?attempt=N``) into the step's PVC, at the paths
   the operator container receives in its ``<fileLocationEnv>`` variables, and creates the output
   directory.
 * ``upload`` (the main container, after the operator's init container succeeded) reads
-  ``$MLYNAR_OUTPUT_DIR/mlynar-out.json``, validates all of it first (every file exists, is a
-  regular file inside the output directory, every kind is one of the operator's
+  ``$MLYNAR_OUTPUT_DIR/mlynar-out.json``, validates all of it first with the one manifest
+  validator, :func:`mlynar_events.outputs.read_output_manifest` (every file exists, is a regular
+  file inside the output directory, every kind is one of the operator's
   ``possibleOutputKinds``), then streams each output to
   ``POST /api/run/{run}/returns/{step}/{kind}?attempt=N&index=i&filename=f``.
 
@@ -35,7 +38,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-MANIFEST = "mlynar-out.json"
+from mlynar_events.outputs import CheckedOutput, OutputManifestError, read_output_manifest
+
 TRIES = 5
 CHUNK = 1024 * 1024
 TIMEOUT = 60.0
@@ -134,49 +138,13 @@ def download(ctx: Context, env: dict[str, str]) -> int:
 # ---- upload ----------------------------------------------------------------------------------
 
 
-@dataclass
-class PlannedOutput:
-    index: int
-    data_kind: str
-    path: Path
-
-
-def read_manifest(out_dir: Path, allowed_kinds: list[str]) -> list[PlannedOutput]:
-    """The manifest's outputs, checked; raises WrapperError naming the first problems found."""
-    manifest = out_dir / MANIFEST
-    if not manifest.is_file():
-        raise WrapperError(f"the operator wrote no manifest: {MANIFEST} is missing from the output directory "
-                           "($MLYNAR_OUTPUT_DIR); write {\"outputs\": []} when there is nothing to return")
+def read_manifest(out_dir: Path, allowed_kinds: list[str]) -> list[CheckedOutput]:
+    """The manifest's outputs, checked by :func:`mlynar_events.outputs.read_output_manifest`;
+    raises WrapperError naming the problems found."""
     try:
-        doc = json.loads(manifest.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise WrapperError(f"{MANIFEST} is not valid JSON: {exc}") from None
-    outputs = doc.get("outputs") if isinstance(doc, dict) else None
-    if not isinstance(outputs, list):
-        raise WrapperError(f"{MANIFEST} must be an object with a list 'outputs' of {{dataKind, file}}")
-    root = out_dir.resolve()
-    planned, problems = [], []
-    for i, entry in enumerate(outputs):
-        if not isinstance(entry, dict) or not isinstance(entry.get("dataKind"), str) or not isinstance(entry.get("file"), str):
-            problems.append(f"output {i}: must be {{\"dataKind\": \"...\", \"file\": \"...\"}}, got {entry!r}")
-            continue
-        kind, file = entry["dataKind"], entry["file"]
-        if kind not in allowed_kinds:
-            problems.append(f"output {i}: data kind {kind!r} is not in the operator's possibleOutputKinds {sorted(allowed_kinds)}")
-        path = (out_dir / file).resolve()
-        if path != root and root not in path.parents:
-            problems.append(f"output {i}: file {file!r} lies outside the output directory")
-        elif not path.exists():
-            problems.append(f"output {i}: file {file!r} does not exist")
-        elif not path.is_file():
-            problems.append(f"output {i}: {file!r} is not a regular file")
-        elif path.name == MANIFEST and path.parent == root:
-            problems.append(f"output {i}: the manifest itself cannot be an output")
-        else:
-            planned.append(PlannedOutput(i, kind, path))
-    if problems:
-        raise WrapperError("invalid output manifest: " + "; ".join(problems))
-    return planned
+        return read_output_manifest(out_dir, allowed_kinds)
+    except OutputManifestError as exc:
+        raise WrapperError(str(exc)) from None
 
 
 def upload(ctx: Context, env: dict[str, str]) -> int:
