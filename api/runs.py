@@ -19,7 +19,7 @@ from mlynar_events.errors import Conflict, NotFound
 from mlynar_events.events import (
     DataUnitAdded, Event, RunCreated, RunDeleted, RunStarted, RunTerminationRequested,
 )
-from mlynar_events.names import is_dns1123_label
+from mlynar_events.names import is_dns1123_label, job_name, pvc_name
 from mlynar_events.registry import Registry, load_registry
 from mlynar_events.runstate import RunState
 from mlynar_events.store import ConcurrencyConflict
@@ -91,7 +91,7 @@ def unit_out(base: str, u: dict[str, Any]) -> DataUnitOut:
 
 def step_out(base: str, s: dict[str, Any]) -> StepOut:
     return StepOut(
-        id=s["id"], jobName=f"mlynar-job-{s['id']}", pvcName=f"mlynar-job-{s['id']}-pvc",
+        id=s["id"], jobName=job_name(s["id"]), pvcName=pvc_name(job_name(s["id"])),
         operator=s["operator"], status=s["status"], inputDataUnits=s["inputs"],
         outputDataUnits=s["outputs"], revision=s["revision"], attempt=s["attempt"],
         target=s["target"], error=s["error"],
