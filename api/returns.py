@@ -24,7 +24,7 @@ from mlynar_events import credentials
 from mlynar_events.blobs import BlobTooLarge
 from mlynar_events.errors import CommandError, Conflict, NotFound
 from mlynar_events.events import Event, StepOutputReturned
-from mlynar_events.runstate import RunState, StepState
+from mlynar_events.runstate import RunState, StepState, returned_outputs
 
 from .context import ApiContext, ctx
 from .errors import BadRequest, CommandTooLarge
@@ -88,16 +88,6 @@ async def _running_attempt(request: web.Request, c: ApiContext) -> tuple[str, st
     """The step attempt the credential names, while it runs: 401/403, 404, 409 otherwise."""
     run_id, step_id, attempt = await _authenticate(request, c)
     return run_id, step_id, attempt, _running_step(await load_run(c, run_id), step_id, attempt)
-
-
-def returned_outputs(events, step_id: str, attempt: int) -> dict[int, StepOutputReturned]:  # type: ignore[no-untyped-def]
-    """The outputs an attempt returned so far, by index (what the executor collects too)."""
-    out: dict[int, StepOutputReturned] = {}
-    for stored in events:
-        e = stored.event
-        if isinstance(e, StepOutputReturned) and e.step_id == step_id and e.attempt == attempt:
-            out.setdefault(e.index, e)
-    return out
 
 
 async def get_input(request: web.Request) -> web.StreamResponse:

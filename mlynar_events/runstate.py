@@ -15,7 +15,7 @@ from typing import Iterable, Literal
 from .events import (
     DataUnitAdded, Event, RunCompleted, RunCreated, RunDeleted, RunStarted, RunTerminated,
     RunTerminationRequested, StepAttemptFailed, StepCancelled, StepFailed, StepScheduled,
-    StepStarted, StepSucceeded, StoredEvent,
+    StepOutputReturned, StepStarted, StepSucceeded, StoredEvent,
 )
 from .store import EventStore, run_filter
 
@@ -133,6 +133,18 @@ class RunState:
                 self.termination = event
             case RunTerminated():
                 self.terminated_final = True
+
+
+def returned_outputs(events: Iterable[StoredEvent], step_id: str, attempt: int) -> dict[int, StepOutputReturned]:
+    """The outputs a Kubernetes step attempt returned through the API so far, by index, the
+    first of each index winning: what the returns route checks a re-upload against and what the
+    executor collects when the Job succeeds."""
+    out: dict[int, StepOutputReturned] = {}
+    for stored in events:
+        e = stored.event
+        if isinstance(e, StepOutputReturned) and e.step_id == step_id and e.attempt == attempt:
+            out.setdefault(e.index, e)
+    return out
 
 
 class RunStateCache:

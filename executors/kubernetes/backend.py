@@ -31,7 +31,8 @@ from typing import Any
 from mlynar_events import credentials
 from mlynar_events.blobs import BlobStore
 from mlynar_events.config import ServeSettings
-from mlynar_events.events import StepOutputReturned, StepScheduled
+from mlynar_events.events import StepScheduled
+from mlynar_events.runstate import returned_outputs
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore
 
@@ -322,11 +323,7 @@ class KubernetesBackend:
     async def _outputs(self, a: Attempt, logs: Path) -> AttemptResult:
         step = a.step
         events, _ = await self.store.load_run(step.run_id)
-        returned: dict[int, StepOutputReturned] = {}
-        for stored in events:
-            e = stored.event
-            if isinstance(e, StepOutputReturned) and e.step_id == step.step_id and e.attempt == a.attempt:
-                returned.setdefault(e.index, e)
+        returned = returned_outputs(events, step.step_id, a.attempt)
         outputs = []
         for index in sorted(returned):
             e = returned[index]
