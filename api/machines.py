@@ -11,17 +11,13 @@ from aiohttp import web
 from mlynar_events.errors import Conflict, NotFound
 from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdated
 from mlynar_events.names import is_dns1123_label
-from mlynar_events.secrets import secret_ref
+from mlynar_events.secrets import machine_token_key, secret_ref
 from mlynar_events.store import ConcurrencyConflict
 from projections import queries
 
 from .context import ctx
 from .errors import json_body
 from .models import MachineCheck, MachineIn, MachineOut, MachineUpdate
-
-
-def secret_key(name: str) -> str:
-    return f"machine.{name}"
 
 
 async def _machine(request: web.Request) -> dict:
@@ -45,7 +41,7 @@ async def register_machine(request: web.Request) -> web.Response:
     body = MachineIn.model_validate(await json_body(request))
     if await queries.get_machine(c.db, body.name) is not None:
         raise Conflict(f"machine {body.name!r} already exists; PUT /api/machines/{body.name} updates it")
-    token_ref = await c.secrets.put(secret_key(body.name), body.token) if body.token else None
+    token_ref = await c.secrets.put(machine_token_key(body.name), body.token) if body.token else None
     try:
         ack = await c.store.append(
             MachineRegistered(name=body.name, url=body.url, labels=body.labels, token_ref=token_ref),
@@ -62,9 +58,9 @@ async def update_machine(request: web.Request) -> web.Response:
     current = await _machine(request)
     body = MachineUpdate.model_validate(await json_body(request))
     name = current["name"]
-    token_ref = secret_ref(secret_key(name)) if current["hasToken"] else None
+    token_ref = secret_ref(machine_token_key(name)) if current["hasToken"] else None
     if body.token:
-        token_ref = await c.secrets.put(secret_key(name), body.token)
+        token_ref = await c.secrets.put(machine_token_key(name), body.token)
     ack = await c.store.append(
         MachineUpdated(name=name, url=body.url or current["url"],
                        labels=body.labels if body.labels is not None else current["labels"], token_ref=token_ref),
@@ -78,7 +74,7 @@ async def delete_machine(request: web.Request) -> web.Response:
     c = ctx(request)
     name = (await _machine(request))["name"]
     ack = await c.store.append(MachineDeleted(name=name), actor=f"api:{request.remote}")
-    await c.secrets.delete(secret_key(name))
+    await c.secrets.delete(machine_token_key(name))
     await c.caught_up(ack.seq)
     return web.json_response({"deleted": True})
 
@@ -86,7 +82,7 @@ async def delete_machine(request: web.Request) -> web.Response:
 async def check_machine(request: web.Request) -> web.Response:
     c = ctx(request)
     machine = await _machine(request)
-    token = await c.secrets.get(secret_key(machine["name"]))
+    token = await c.secrets.get(machine_token_key(machine["name"]))
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = aiohttp.ClientTimeout(total=5)
     try:

@@ -32,6 +32,11 @@ def secret_ref(key: str) -> str:
     return PREFIX + secret_key(key)
 
 
+def machine_token_key(machine: str) -> str:
+    """Where a registered machine's bearer token is kept: ``machine.<name>``."""
+    return f"machine.{machine}"
+
+
 _key = secret_key
 
 

@@ -21,7 +21,7 @@ from .blobs import FileBlobStore
 from .config import ServeSettings, is_loopback
 from .events import MachineRegistered, MachineUpdated, key_filter
 from .nats_server import EmbeddedNats
-from .secrets import SecretStore, secret_ref
+from .secrets import SecretStore, machine_token_key, secret_ref
 from .solver import Solver
 from .specs import load_documents
 from .store import EventStore
@@ -98,11 +98,11 @@ class Service:
         from executors.agent.app import start_agent
         from executors.agent.settings import AgentSettings
 
-        token = await secrets.get_or_create(f"machine.{LOCAL_MACHINE}")
+        token = await secrets.get_or_create(machine_token_key(LOCAL_MACHINE))
         agent = await start_agent(AgentSettings(host="127.0.0.1", port=0, token=token,
                                                 work_dir=self.settings.data_dir / "agent"))
         self.closers.append(agent.stop)
-        ref = secret_ref(f"machine.{LOCAL_MACHINE}")
+        ref = secret_ref(machine_token_key(LOCAL_MACHINE))
         registry = await store.read(key_filter("machine", LOCAL_MACHINE))
         current = registry[-1].event if registry else None
         if not isinstance(current, MachineRegistered) or current.url != agent.url or current.token_ref != ref:
