@@ -1,9 +1,8 @@
 """Run routes: create, upload, params, run, terminate, delete, read, data and step logs.
 
-Commands fold the run from the stream (not from the views, which may lag) and append with the
-run's version as the expected sequence; a conflict means someone else (the solver, an executor)
-appended first, so the command reloads and decides again. Reads come from the projection, after
-waiting for the command's own append (read-your-writes)."""
+The handlers parse the request, call the run's commands (:mod:`mlynar_events.runs`, which decide
+from the stream and append) and render. Reads come from the projection, after waiting for the
+command's own append (read-your-writes)."""
 
 from __future__ import annotations
 
@@ -14,15 +13,13 @@ from typing import Any, Callable
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from mlynar_events.blobs import BlobTooLarge, unit_key, run_prefix
-from mlynar_events.errors import Conflict, NotFound
-from mlynar_events.events import (
-    DataUnitAdded, Event, RunCreated, RunDeleted, RunStarted, RunTerminationRequested,
-)
+from mlynar_events import runs as commands
+from mlynar_events.blobs import BlobTooLarge, unit_key
+from mlynar_events.errors import NotFound
+from mlynar_events.events import DataUnitAdded, Event
 from mlynar_events.names import is_dns1123_label, job_name, pvc_name
 from mlynar_events.registry import Registry, load_registry
 from mlynar_events.runstate import RunState
-from mlynar_events.store import ConcurrencyConflict
 from projections import queries
 
 from .context import ApiContext, ctx
@@ -31,7 +28,6 @@ from .models import DataUnitOut, ParamIn, RunSummary, StepCounts, StepOut
 
 log = logging.getLogger("mlynar.api.runs")
 ACTOR = "api"
-RETRIES = 20
 
 
 def _actor(request: web.Request) -> str:
@@ -47,31 +43,14 @@ def _run_id(request: web.Request) -> str:
 
 
 async def load_run(c: ApiContext, run_id: str) -> RunState:
-    state = await c.runs.get(run_id)
-    if not state.exists:
-        raise NotFound(f"run {run_id!r} does not exist")
-    return state
+    return await commands.load_run(c.runs, run_id)
 
 
 async def decide_and_append(
     c: ApiContext, run_id: str, decide: Callable[[RunState], Event | None], actor: str,
     msg_id: str | None = None,
 ) -> tuple[RunState, int | None]:
-    """Fold the run, let ``decide`` check the state (raising 4xx errors) and return the event
-    to append, append it conditionally; on a conflict do it all again."""
-    for _ in range(RETRIES):
-        state = await load_run(c, run_id)
-        event = decide(state)
-        if event is None:
-            return state, None
-        try:
-            ack = await c.store.append(event, actor=actor, msg_id=msg_id, expected_seq=state.version)
-        except ConcurrencyConflict:
-            continue
-        if ack.seq > state.version:
-            state.apply(event, ack.seq)
-        return state, ack.seq
-    raise Conflict(f"run {run_id!r} is changing too fast; try again")
+    return await commands.decide_and_append(c.store, c.runs, run_id, decide, actor, msg_id)
 
 
 # ---- rendering --------------------------------------------------------------------------------
@@ -125,9 +104,8 @@ def ok(model: Any, status: int = 200) -> web.Response:
 
 async def create_run(request: web.Request) -> web.Response:
     c = ctx(request)
-    run_id = str(uuid.uuid4())
-    ack = await c.store.append(RunCreated(run_id=run_id), actor=_actor(request), msg_id=f"{run_id}:created", expected_seq=0)
-    await c.caught_up(ack.seq)
+    run_id, seq = await commands.create(c.store, _actor(request))
+    await c.caught_up(seq)
     log.info("run created", extra={"run_id": run_id})
     return await run_response(request, c, run_id, 201)
 
@@ -181,8 +159,7 @@ async def upload(request: web.Request) -> web.Response:
         raise BadRequest(f"{kind!r} is not a valid data kind name (DNS-1123 label)")
     if request.content_length is not None and request.content_length > c.max_upload_bytes + 64 * 1024:
         raise CommandTooLarge(c.max_upload_bytes)
-    state = await load_run(c, run_id)
-    _check_upload_allowed(state)
+    commands.check_upload_allowed(await load_run(c, run_id))
     kinds = {k["name"] for k in await queries.data_kinds(c.db)}
     if kind not in kinds:
         raise NotFound(f"data kind {kind!r} is not declared")
@@ -204,11 +181,7 @@ async def upload(request: web.Request) -> web.Response:
     event = DataUnitAdded(run_id=run_id, unit_id=unit_id, data_kind=kind, ancestors=[], blob=key,
                           size=info.size, sha256=info.sha256, filename=_safe_filename(part.filename))
     try:
-        # Unconditional (no expected run version): a unit never conflicts with the steps being
-        # scheduled meanwhile, and many uploads into one busy run must not turn into 409s. A
-        # termination racing this upload lets the unit in; a terminated run schedules nothing.
-        _check_upload_allowed(await load_run(c, run_id))
-        seq = (await c.store.append(event, actor=_actor(request), msg_id=f"unit:{unit_id}")).seq
+        seq = await commands.add_uploaded_unit(c.store, c.runs, event, _actor(request))
     except BaseException:
         await c.blobs.delete_prefix(key)
         raise
@@ -217,11 +190,6 @@ async def upload(request: web.Request) -> web.Response:
     unit = await queries.get_unit(c.db, run_id, unit_id)
     assert unit is not None
     return ok(unit_out(base_url(request, c), unit), 201)
-
-
-def _check_upload_allowed(state: RunState) -> None:
-    if state.status == "terminated":
-        raise Conflict(f"run {state.run_id!r} is terminated; it takes no more data")
 
 
 async def params(request: web.Request) -> web.Response:
@@ -287,14 +255,7 @@ async def start_run(request: web.Request) -> web.Response:
         raise BadRequest("maxParallel must be between 1 and 10000")
     await load_run(c, run_id)  # 404 before reading the body
     pool = parse_param_pool(await json_body(request, required=False), await load_registry(c.store))
-
-    def decide(state: RunState) -> Event:
-        if state.status != "created":
-            raise Conflict(f"run {run_id!r} is {state.status}; only a created run can be started")
-        return RunStarted(run_id=run_id, param_pool=pool, max_parallel=max_parallel)
-
-    _, seq = await decide_and_append(c, run_id, decide, _actor(request))
-    await c.caught_up(seq)
+    await c.caught_up(await commands.start(c.store, c.runs, run_id, pool, max_parallel, _actor(request)))
     log.info("run started", extra={"run_id": run_id, "max_parallel": max_parallel})
     return await run_response(request, c, run_id)
 
@@ -306,14 +267,7 @@ async def terminate_run(request: web.Request) -> web.Response:
     if cancel not in {"true", "false", "1", "0"}:
         raise BadRequest("cancel must be true or false")
 
-    def decide(state: RunState) -> Event:
-        if state.status == "terminated":
-            raise Conflict(f"run {run_id!r} is already terminated")
-        return RunTerminationRequested(run_id=run_id, cancel=cancel in {"true", "1"},
-                                       reason="terminated by user" + (" (steps cancelled)" if cancel in {"true", "1"} else ""))
-
-    _, seq = await decide_and_append(c, run_id, decide, _actor(request))
-    await c.caught_up(seq)
+    await c.caught_up(await commands.terminate(c.store, c.runs, run_id, cancel in {"true", "1"}, _actor(request)))
     log.info("run termination requested", extra={"run_id": run_id, "cancel": cancel})
     return await run_response(request, c, run_id)
 
@@ -322,14 +276,7 @@ async def delete_run(request: web.Request) -> web.Response:
     c = ctx(request)
     run_id = _run_id(request)
 
-    def decide(state: RunState) -> Event:
-        if state.status == "running":
-            raise Conflict(f"run {run_id!r} is running; terminate it first")
-        return RunDeleted(run_id=run_id)
-
-    _, seq = await decide_and_append(c, run_id, decide, _actor(request))
-    await c.blobs.delete_prefix(run_prefix(run_id))
-    await c.caught_up(seq)
+    await c.caught_up(await commands.delete(c.store, c.runs, c.blobs, run_id, _actor(request)))
     log.info("run deleted", extra={"run_id": run_id})
     return web.json_response({"id": run_id, "deleted": True})
 
