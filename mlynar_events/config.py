@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 ENV_PREFIX = "MLYNAR_"
 
@@ -83,6 +83,22 @@ def resolve_repeats(ns: argparse.Namespace) -> argparse.Namespace:
     return ns
 
 
+class KubeSettings(BaseModel):
+    """What the Kubernetes executor and crd-sync need, and all they are given: the ``--kube-*``
+    fields of :class:`ServeSettings` without their prefix (see :attr:`ServeSettings.kube`)."""
+
+    model_config = ConfigDict(frozen=True)
+    namespace: str
+    config: Path | None
+    in_cluster: bool
+    storage_class: str | None
+    pvc_size: str
+    wrapper_image: str
+    keep_failed_jobs: bool
+    watch_crds: bool
+    api_url: str
+
+
 class ServeSettings(BaseModel):
     """Settings of ``mlynar serve``. Every field is a flag and a variable (``--max-parallel``,
     ``MLYNAR_MAX_PARALLEL``), derived from the field by :func:`add_serve_flags`: its annotation
@@ -120,6 +136,11 @@ class ServeSettings(BaseModel):
     kube_keep_failed_jobs: bool = Field(False, description="keep the Job and PVC of a failed step for inspection")
     kube_watch_crds: bool = Field(False, description="(with role crd-sync) watch DataKind/Operator CRDs")
     kube_api_url: str = Field("http://mlynar-api:3000", description="URL of the REST API as step Jobs' wrapper containers reach it")
+
+    @property
+    def kube(self) -> KubeSettings:
+        """The Kubernetes group, for the roles that talk to the cluster."""
+        return KubeSettings(**{name: getattr(self, "kube_" + name) for name in KubeSettings.model_fields})
 
     @property
     def resolved_blob_dir(self) -> Path:

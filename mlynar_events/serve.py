@@ -155,18 +155,18 @@ class Service:
 
     async def _kubernetes_backend(self, store: EventStore, blobs: FileBlobStore, secrets: SecretStore) -> Any:
         s = self.settings
-        if not (s.kube_in_cluster or s.kube_config):
+        if not (s.kube.in_cluster or s.kube.config):
             return None
         from executors.kubernetes.backend import KubernetesBackend
 
-        backend = await KubernetesBackend.create(s, secrets, store, blobs)
+        backend = await KubernetesBackend.create(s.kube, secrets, store, blobs)
         self.closers.append(backend.close)
         return backend
 
     async def _start_crd_sync(self, store: EventStore) -> None:
         from executors.kubernetes.crd_sync import CrdSync
 
-        sync = await CrdSync.create(self.settings, store)
+        sync = await CrdSync.create(self.settings.kube, store)
         self.closers.append(sync.close)
         self._spawn("crd-sync", sync.run())
 

@@ -30,7 +30,7 @@ from typing import Any
 
 from mlynar_events import credentials
 from mlynar_events.blobs import BlobStore
-from mlynar_events.config import ServeSettings
+from mlynar_events.config import KubeSettings
 from mlynar_events.events import StepScheduled
 from mlynar_events.runstate import returned_outputs
 from mlynar_events.secrets import SecretStore
@@ -139,20 +139,20 @@ def evaluate(job: dict[str, Any], pods: dict[str, dict[str, Any]], step: StepSch
 
 
 class KubernetesBackend:
-    def __init__(self, kube: Kube, settings: ServeSettings, secrets: SecretStore, store: EventStore,
+    def __init__(self, kube: Kube, settings: KubeSettings, secrets: SecretStore, store: EventStore,
                  blobs: BlobStore) -> None:
         self.kube = kube
         self.settings = settings
         self.secrets = secrets
         self.store = store
         self.blobs = blobs
-        self.namespace = settings.kube_namespace
+        self.namespace = settings.namespace
 
     @classmethod
-    async def create(cls, settings: ServeSettings, secrets: SecretStore, store: EventStore,
+    async def create(cls, settings: KubeSettings, secrets: SecretStore, store: EventStore,
                      blobs: BlobStore) -> "KubernetesBackend":
         api = await new_api_client(settings)
-        return cls(Kube(api, settings.kube_namespace), settings, secrets, store, blobs)
+        return cls(Kube(api, settings.namespace), settings, secrets, store, blobs)
 
     def target(self, step: StepScheduled) -> str:
         return f"kubernetes:{self.namespace}"
@@ -197,7 +197,7 @@ class KubernetesBackend:
             result = await self._outputs(a, logs)
             await self._cleanup(names, {})
             return result
-        if not self.settings.kube_keep_failed_jobs:
+        if not self.settings.keep_failed_jobs:
             await self._cleanup(names, {})
         log.info("step job failed", extra={**ctx, "error": outcome.error})
         return AttemptResult(ok=False, error=outcome.error, logs=logs, retryable=outcome.retryable)
@@ -211,8 +211,8 @@ class KubernetesBackend:
         await k.create(f"create secret {names.secret}", k.core.create_namespaced_secret, ns,
                        m.secret(step, a.attempt, names, ns, credential))
         await k.create(f"create persistentvolumeclaim {names.pvc}", k.core.create_namespaced_persistent_volume_claim,
-                       ns, m.pvc(step, a.attempt, names, ns, s.kube_pvc_size, s.kube_storage_class))
-        job = m.job(step, a.attempt, names, ns, wrapper_image=s.kube_wrapper_image, api_url=s.kube_api_url)
+                       ns, m.pvc(step, a.attempt, names, ns, s.pvc_size, s.storage_class))
+        job = m.job(step, a.attempt, names, ns, wrapper_image=s.wrapper_image, api_url=s.api_url)
         return await k.create(f"create job {names.job}", k.batch.create_namespaced_job, ns, job) is not None
 
     async def _follow(self, a: Attempt, names: m.StepObjects) -> tuple[Outcome, dict[str, dict[str, Any]]]:

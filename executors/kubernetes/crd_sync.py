@@ -23,7 +23,7 @@ import random
 from typing import Any
 
 from mlynar_events import registry as reg
-from mlynar_events.config import ServeSettings
+from mlynar_events.config import KubeSettings
 from mlynar_events.errors import Conflict, Invalid, NotFound
 from mlynar_events.events import DataKindDeclared, OperatorDeclared, of_aggregate, subject_filters
 from mlynar_events.specs import SpecError, parse_document
@@ -54,12 +54,12 @@ class CrdSync:
         self.synced = asyncio.Event()  # the first full list is applied (for tests and readiness)
 
     @classmethod
-    async def create(cls, settings: ServeSettings, store: EventStore) -> "CrdSync":
-        if not settings.kube_watch_crds:
+    async def create(cls, settings: KubeSettings, store: EventStore) -> "CrdSync":
+        if not settings.watch_crds:
             log.warning("role crd-sync without --kube-watch-crds: custom resources are not watched")
             return cls(None, store, enabled=False)
         api = await new_api_client(settings)
-        return cls(Kube(api, settings.kube_namespace), store)
+        return cls(Kube(api, settings.namespace), store)
 
     async def close(self) -> None:
         if self.kube is not None:

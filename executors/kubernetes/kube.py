@@ -20,7 +20,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from mlynar_events.config import ServeSettings
+from mlynar_events.config import KubeSettings
 
 log = logging.getLogger("mlynar.kubernetes")
 
@@ -42,13 +42,13 @@ class KubeError(Exception):
         return self.status is None or self.status == 429 or self.status >= 500
 
 
-async def new_api_client(settings: ServeSettings) -> k8s.ApiClient:
+async def new_api_client(settings: KubeSettings) -> k8s.ApiClient:
     """An API client from the pod's service account (``--kube-in-cluster``) or a kubeconfig."""
     cfg = k8s.Configuration()
-    if settings.kube_in_cluster:
+    if settings.in_cluster:
         k8s_config.load_incluster_config(client_configuration=cfg)
-    elif settings.kube_config is not None:
-        await k8s_config.load_kube_config(config_file=str(settings.kube_config), client_configuration=cfg,
+    elif settings.config is not None:
+        await k8s_config.load_kube_config(config_file=str(settings.config), client_configuration=cfg,
                                           persist_config=False)
     else:
         raise ValueError("the Kubernetes API needs --kube-config or --kube-in-cluster")
