@@ -49,3 +49,10 @@ def test_a_bad_value_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         parse("--roles", "api,nonsense")
     with pytest.raises(SystemExit):
         parse("--port", "many")
+
+
+def test_the_kubernetes_group_is_every_kube_field_and_only_those() -> None:
+    kube_fields = {n.removeprefix("kube_") for n in ServeSettings.model_fields if n.startswith("kube_")}
+    assert set(config.KubeSettings.model_fields) == kube_fields
+    s = parse("--kube-namespace", "jobs", "--kube-pvc-size", "5Gi", "--kube-keep-failed-jobs")
+    assert (s.kube.namespace, s.kube.pvc_size, s.kube.keep_failed_jobs) == ("jobs", "5Gi", True)
