@@ -27,7 +27,6 @@ from .errors import BadRequest, CommandTooLarge, json_body
 from .models import DataUnitOut, ParamIn, RunSummary, StepCounts, StepOut
 
 log = logging.getLogger("mlynar.api.runs")
-ACTOR = "api"
 
 
 def _actor(request: web.Request) -> str:
