@@ -182,15 +182,26 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], bool, bool]:
     return annotation, False, False
 
 
-def add_serve_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per field of :class:`ServeSettings`, declared from the field itself."""
-    defaults = ServeSettings()
-    for name, field in ServeSettings.model_fields.items():
+def add_model_flags(p: argparse.ArgumentParser, model: type[BaseModel], *, skip: tuple[str, ...] = (),
+                    parsers: dict[str, Callable[[str], Any]] | None = None) -> None:
+    """One flag per field of ``model`` (except ``skip``), declared from the field itself: the
+    name (``max_parallel`` -> ``--max-parallel``, ``MLYNAR_MAX_PARALLEL``), the type from the
+    annotation (``parsers`` for fields that need more), the help from ``description``."""
+    parsers = parsers or {}
+    defaults = model()
+    for name, field in model.model_fields.items():
+        if name in skip:
+            continue
         parse, repeat, boolean = _flag_type(field.annotation)
         default = getattr(defaults, name)
         flag(p, "--" + name.replace("_", "-"), default=None if repeat and not default else default,
-             type=PARSERS.get(name, parse), help=field.description or "", repeat=repeat and name not in PARSERS,
+             type=parsers.get(name, parse), help=field.description or "", repeat=repeat and name not in parsers,
              boolean=boolean)
+
+
+def add_serve_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``mlynar serve`` (and ``projections rebuild``): the fields of ServeSettings."""
+    add_model_flags(p, ServeSettings, parsers=PARSERS)
 
 
 def serve_settings(ns: argparse.Namespace) -> ServeSettings:

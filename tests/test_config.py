@@ -56,3 +56,17 @@ def test_the_kubernetes_group_is_every_kube_field_and_only_those() -> None:
     assert set(config.KubeSettings.model_fields) == kube_fields
     s = parse("--kube-namespace", "jobs", "--kube-pvc-size", "5Gi", "--kube-keep-failed-jobs")
     assert (s.kube.namespace, s.kube.pvc_size, s.kube.keep_failed_jobs) == ("jobs", "5Gi", True)
+
+
+def test_agent_flags_are_its_settings_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    from executors.agent import cli as agent_cli
+    from executors.agent.settings import AgentSettings
+
+    text = agent_cli.build_parser().format_help()
+    for name in AgentSettings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        assert (flag in text) == (name not in agent_cli.NOT_FLAGS), flag
+    monkeypatch.setenv("MLYNAR_ALLOW", "python3 *,sh x")
+    monkeypatch.setenv("MLYNAR_MAX_PARALLEL", "3")
+    s = agent_cli.settings_from_args(agent_cli.build_parser().parse_args(["--token", "t0k", "--port", "0"]))
+    assert (s.allow, s.max_parallel, s.port, s.resolve_token()) == (["python3 *", "sh x"], 3, 0, "t0k")

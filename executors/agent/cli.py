@@ -11,33 +11,26 @@ import asyncio
 import logging
 import signal
 import sys
-from pathlib import Path
 
-from mlynar_events.config import flag, resolve_repeats
+from mlynar_events.config import add_model_flags, flag, resolve_repeats
 
 from . import __version__
 from .app import start_agent
-from .settings import DEFAULT_MAX_INPUT_BYTES, DEFAULT_PORT, AgentConfigError, AgentSettings, default_max_parallel
+from .settings import AgentConfigError, AgentSettings
 
 log = logging.getLogger("mlynar.agent")
 
 EXIT_CONFIG = 2
 
 
+NOT_FLAGS = ("max_manifest_bytes", "kill_grace")
+"""AgentSettings fields only an embedding program sets."""
+
+
 def add_agent_flags(p: argparse.ArgumentParser) -> None:
-    flag(p, "--host", default="127.0.0.1", help="address to listen on")
-    flag(p, "--port", default=DEFAULT_PORT, type=int, help="port to listen on (0 picks a free one)")
-    flag(p, "--token", default=None, help="bearer token clients must send (prefer MLYNAR_TOKEN or --token-file)")
-    flag(p, "--token-file", default=None, type=Path, help="file holding the bearer token")
-    flag(p, "--insecure-no-auth", default=False, boolean=True,
-         help="run without a token; only accepted with a loopback --host")
-    flag(p, "--work-dir", default=Path(".mlynar-agent"), type=Path, help="where step sandboxes live")
-    flag(p, "--allow", type=str, repeat=True,
-         help="fnmatch pattern over the shell-quoted command line; when given, only matching commands run")
-    flag(p, "--max-parallel", default=default_max_parallel(), type=int, help="steps running at once (others queue)")
-    flag(p, "--result-ttl", default=3600.0, type=float,
-         help="seconds a finished step's sandbox is kept unless deleted earlier (<= 0: forever)")
-    flag(p, "--max-input-bytes", default=DEFAULT_MAX_INPUT_BYTES, type=int, help="largest accepted upload of one step (413 above)")
+    """The fields of AgentSettings as flags (the token parsed as plain text: an empty one is
+    refused by :meth:`AgentSettings.resolve_token`), plus the log level."""
+    add_model_flags(p, AgentSettings, skip=NOT_FLAGS, parsers={"token": str})
     flag(p, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 

@@ -29,16 +29,20 @@ class AgentSettings(BaseModel):
 
     model_config = ConfigDict(validate_assignment=True)
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535, description="0 picks a free port")
-    token: SecretStr | None = None
-    token_file: Path | None = None
-    insecure_no_auth: bool = False
-    work_dir: Path = Path(".mlynar-agent")
-    allow: list[str] = Field(default_factory=list, description="fnmatch patterns over shlex.join(argv)")
-    max_parallel: int = Field(default_factory=default_max_parallel, ge=1)
-    result_ttl: float = Field(default=3600.0, description="seconds a finished step is kept; <= 0 keeps it forever")
-    max_input_bytes: int = Field(default=DEFAULT_MAX_INPUT_BYTES, ge=0)
+    # every field but the last two is a flag of `mlynar machine-agent` (see .cli), its help the description
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535, description="port to listen on (0 picks a free one)")
+    token: SecretStr | None = Field(None, description="bearer token clients must send (prefer MLYNAR_TOKEN or --token-file)")
+    token_file: Path | None = Field(None, description="file holding the bearer token")
+    insecure_no_auth: bool = Field(False, description="run without a token; only accepted with a loopback --host")
+    work_dir: Path = Field(Path(".mlynar-agent"), description="where step sandboxes live")
+    allow: list[str] = Field(default_factory=list, description="fnmatch pattern over the shell-quoted command line "
+                             "(shlex.join(argv)); when given, only matching commands run")
+    max_parallel: int = Field(default_factory=default_max_parallel, ge=1, description="steps running at once (others queue)")
+    result_ttl: float = Field(default=3600.0, description="seconds a finished step's sandbox is kept unless deleted "
+                              "earlier (<= 0: forever)")
+    max_input_bytes: int = Field(default=DEFAULT_MAX_INPUT_BYTES, ge=0,
+                                 description="largest accepted upload of one step (413 above)")
     max_manifest_bytes: int = Field(default=1024**2, ge=1)
     kill_grace: float = Field(default=5.0, ge=0, description="seconds between SIGTERM and SIGKILL on timeout")
 
