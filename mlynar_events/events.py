@@ -73,10 +73,6 @@ class Event(BaseModel):
     def key(self) -> str:
         raise NotImplementedError
 
-    @classmethod
-    def type_name(cls) -> str:
-        return cls.event_type
-
     def subject(self) -> str:
         return f"{SUBJECT_PREFIX}.{self.aggregate}.{self.key()}.{self.event_type}"
 
@@ -266,7 +262,6 @@ class RunDeleted(RunEvent):
     event_type: ClassVar[str] = "RunDeleted"
 
 
-EVENT_TYPES = CATALOGUE  # the name older modules use
 STEP_OUTCOMES = (StepSucceeded, StepFailed, StepCancelled)
 
 
