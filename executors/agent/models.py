@@ -162,6 +162,12 @@ class StepStatus(BaseModel):
         description="false when running the same step again would fail the same way "
         "(e.g. the command is refused by --allow); meaningful for failed steps",
     )
+    lost: bool = Field(
+        default=False,
+        description="true when the attempt ended because of the agent, not the operator (the agent "
+        "restarted or stopped while the step was queued or running): the executor retries it "
+        "without using the operator's retries budget",
+    )
     outputs: list[StepOutput] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc), alias="createdAt")
     started_at: datetime | None = Field(default=None, alias="startedAt")
