@@ -13,7 +13,7 @@ from .routes import add_routes
 def create_app(context: ApiContext) -> web.Application:
     # uploads are streamed with their own limit; client_max_size only bounds bodies read whole
     app = web.Application(middlewares=[errors_middleware, auth_middleware],
-                          client_max_size=context.max_json_bytes)
+                          client_max_size=context.settings.max_json_bytes)
     app[CTX] = context
     add_routes(app)
     return app

@@ -8,6 +8,7 @@ import aiosqlite
 from aiohttp import web
 
 from mlynar_events.blobs import BlobStore
+from mlynar_events.config import ApiSettings
 from mlynar_events.runstate import RunStateCache
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore
@@ -16,16 +17,16 @@ from projections.projector import Projector
 
 @dataclass
 class ApiContext:
+    """The API role's parts and its settings group; ``api_token`` is the value read from
+    ``settings.api_token_file`` at start."""
+
     store: EventStore
     blobs: BlobStore
     secrets: SecretStore
     db: aiosqlite.Connection
     projector: Projector
-    max_upload_bytes: int = 4 * 1024**3
-    max_json_bytes: int = 1024**2
-    default_max_parallel: int = 8
+    settings: ApiSettings
     api_token: str | None = None
-    public_url: str | None = None
     read_timeout: float = 10.0
     runs: RunStateCache = field(init=False)
 

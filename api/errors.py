@@ -54,7 +54,7 @@ async def json_body(request: web.Request, *, required: bool = True) -> Any:
     """The request's JSON, with 413/400 that say what was wrong."""
     from .context import ctx
 
-    limit = ctx(request).max_json_bytes
+    limit = ctx(request).settings.max_json_bytes
     if request.content_length is not None and request.content_length > limit:
         raise CommandTooLarge(limit)
     raw = await request.content.read(limit + 1)

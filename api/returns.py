@@ -115,14 +115,14 @@ async def return_output(request: web.Request) -> web.Response:
     if kind not in allowed:
         raise BadRequest(f"operator {step.scheduled.operator!r} may not output data kind {kind!r}; "
                          f"its possibleOutputKinds are {sorted(allowed)}")
-    if request.content_length is not None and request.content_length > c.max_upload_bytes:
-        raise CommandTooLarge(c.max_upload_bytes)
+    if request.content_length is not None and request.content_length > c.settings.max_upload_bytes:
+        raise CommandTooLarge(c.settings.max_upload_bytes)
     # a key of its own per upload: a retried upload never overwrites bytes an event points at
     key = f"runs/{run_id}/returns/{step_id}-{attempt}/{index}-{uuid.uuid4().hex[:12]}"
     try:
-        info = await c.blobs.put_stream(key, request.content.iter_chunked(1024 * 1024), max_bytes=c.max_upload_bytes)
+        info = await c.blobs.put_stream(key, request.content.iter_chunked(1024 * 1024), max_bytes=c.settings.max_upload_bytes)
     except BlobTooLarge:
-        raise CommandTooLarge(c.max_upload_bytes) from None
+        raise CommandTooLarge(c.settings.max_upload_bytes) from None
     event = StepOutputReturned(run_id=run_id, step_id=step_id, attempt=attempt, index=index, data_kind=kind,
                                blob=key, size=info.size, sha256=info.sha256, filename=filename)
     existing: list[StepOutputReturned] = []

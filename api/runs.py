@@ -56,7 +56,7 @@ async def decide_and_append(
 
 
 def base_url(request: web.Request, c: ApiContext) -> str:
-    return (c.public_url or f"{request.scheme}://{request.host}").rstrip("/")
+    return (c.settings.public_url or f"{request.scheme}://{request.host}").rstrip("/")
 
 
 def unit_out(base: str, u: dict[str, Any]) -> DataUnitOut:
@@ -156,8 +156,8 @@ async def upload(request: web.Request) -> web.Response:
     run_id, kind = _run_id(request), request.match_info["data_kind"]
     if not is_dns1123_label(kind):
         raise BadRequest(f"{kind!r} is not a valid data kind name (DNS-1123 label)")
-    if request.content_length is not None and request.content_length > c.max_upload_bytes + 64 * 1024:
-        raise CommandTooLarge(c.max_upload_bytes)
+    if request.content_length is not None and request.content_length > c.settings.max_upload_bytes + 64 * 1024:
+        raise CommandTooLarge(c.settings.max_upload_bytes)
     commands.check_upload_allowed(await load_run(c, run_id))
     kinds = {k["name"] for k in await queries.data_kinds(c.db)}
     if kind not in kinds:
@@ -171,9 +171,9 @@ async def upload(request: web.Request) -> web.Response:
             yield chunk
 
     try:
-        info = await c.blobs.put_stream(key, chunks(), max_bytes=c.max_upload_bytes)
+        info = await c.blobs.put_stream(key, chunks(), max_bytes=c.settings.max_upload_bytes)
     except BlobTooLarge:
-        raise CommandTooLarge(c.max_upload_bytes) from None
+        raise CommandTooLarge(c.settings.max_upload_bytes) from None
     except (ValueError, AssertionError, HttpProcessingError) as exc:
         raise BadRequest("malformed multipart body", str(exc)) from None
     # the bytes are durable before the event that points at them is appended
@@ -247,7 +247,7 @@ async def start_run(request: web.Request) -> web.Response:
     c = ctx(request)
     run_id = _run_id(request)
     try:
-        max_parallel = int(request.query.get("maxParallel", c.default_max_parallel))
+        max_parallel = int(request.query.get("maxParallel", c.settings.max_parallel))
     except ValueError:
         raise BadRequest("maxParallel must be an integer") from None
     if not 1 <= max_parallel <= 10_000:

@@ -13,7 +13,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,11 +83,65 @@ def resolve_repeats(ns: argparse.Namespace) -> argparse.Namespace:
     return ns
 
 
-class KubeSettings(BaseModel):
-    """What the Kubernetes executor and crd-sync need, and all they are given: the ``--kube-*``
-    fields of :class:`ServeSettings` without their prefix (see :attr:`ServeSettings.kube`)."""
+class SettingsGroup(BaseModel):
+    """The settings of one concern, and all its role is given (kopf's "settings per concern").
+
+    A group is a view of :class:`ServeSettings`, which stays the one flat surface of flags and
+    variables: field ``x`` of a group is the serve field ``FLAG_PREFIX + x``, so
+    ``KubeSettings.namespace`` is ``--kube-namespace``. :meth:`of` builds the view; a test checks
+    that every serve field belongs to exactly one group (or to :data:`PROCESS_FIELDS`)."""
 
     model_config = ConfigDict(frozen=True)
+    FLAG_PREFIX: ClassVar[str] = ""
+
+    @classmethod
+    def of(cls, settings: "ServeSettings") -> Self:
+        return cls(**{name: getattr(settings, cls.FLAG_PREFIX + name) for name in cls.model_fields})
+
+    @classmethod
+    def serve_fields(cls) -> set[str]:
+        return {cls.FLAG_PREFIX + name for name in cls.model_fields}
+
+
+class StoreSettings(SettingsGroup):
+    """How every role reaches the event store (NATS JetStream)."""
+
+    nats_url: str | None
+    duplicate_window: float
+    stream_replicas: int
+
+
+class ApiSettings(SettingsGroup):
+    """The REST API's door and limits."""
+
+    host: str
+    port: int
+    max_upload_bytes: int
+    max_json_bytes: int
+    max_parallel: int
+    api_token_file: Path | None
+    insecure_no_auth: bool
+    public_url: str | None
+
+
+class SolverSettings(SettingsGroup):
+    """Limits of the scheduling decisions."""
+
+    max_steps_per_run: int
+
+
+class ExecutorSettings(SettingsGroup):
+    """How one executor process takes steps off the stream (``--executor-*``)."""
+
+    FLAG_PREFIX: ClassVar[str] = "executor_"
+    concurrency: int
+    ack_wait: float
+
+
+class KubeSettings(SettingsGroup):
+    """What the Kubernetes executor and crd-sync need (``--kube-*``)."""
+
+    FLAG_PREFIX: ClassVar[str] = "kube_"
     namespace: str
     config: Path | None
     in_cluster: bool
@@ -99,10 +153,17 @@ class KubeSettings(BaseModel):
     api_url: str
 
 
+GROUPS: tuple[type[SettingsGroup], ...] = (StoreSettings, ApiSettings, SolverSettings, ExecutorSettings, KubeSettings)
+
+PROCESS_FIELDS = frozenset({"data_dir", "registry", "roles", "blob_dir", "db_path", "local_machine", "log_level", "log_format"})
+"""Serve fields that belong to the process wiring itself (``serve.py``), not to one role."""
+
+
 class ServeSettings(BaseModel):
     """Settings of ``mlynar serve``. Every field is a flag and a variable (``--max-parallel``,
     ``MLYNAR_MAX_PARALLEL``), derived from the field by :func:`add_serve_flags`: its annotation
-    gives the flag's type, its ``description`` the help."""
+    gives the flag's type, its ``description`` the help. Roles are given one group each
+    (:attr:`api`, :attr:`store`, :attr:`solver`, :attr:`executor`, :attr:`kube`)."""
 
     data_dir: Path = Field(Path(".mlynar"), description="where JetStream data, blobs, the projection database and secrets live")
     nats_url: str | None = Field(None, description="use this NATS server instead of starting the embedded one")
@@ -138,9 +199,24 @@ class ServeSettings(BaseModel):
     kube_api_url: str = Field("http://mlynar-api:3000", description="URL of the REST API as step Jobs' wrapper containers reach it")
 
     @property
+    def store(self) -> StoreSettings:
+        return StoreSettings.of(self)
+
+    @property
+    def api(self) -> ApiSettings:
+        return ApiSettings.of(self)
+
+    @property
+    def solver(self) -> SolverSettings:
+        return SolverSettings.of(self)
+
+    @property
+    def executor(self) -> ExecutorSettings:
+        return ExecutorSettings.of(self)
+
+    @property
     def kube(self) -> KubeSettings:
-        """The Kubernetes group, for the roles that talk to the cluster."""
-        return KubeSettings(**{name: getattr(self, "kube_" + name) for name in KubeSettings.model_fields})
+        return KubeSettings.of(self)
 
     @property
     def resolved_blob_dir(self) -> Path:

@@ -2,7 +2,8 @@
 
 With no ``--nats-url`` the embedded nats-server is started as a child process; with
 ``--local-machine`` (the default) a machine agent runs in-process on loopback and is registered
-as machine ``local``. Roles never call each other: they are only started side by side here.
+as machine ``local``. Roles never call each other: they are only started side by side here, each in the same
+lifecycle (:mod:`mlynar_events.roles`).
 """
 
 from __future__ import annotations
@@ -25,35 +26,51 @@ from .secrets import SecretStore, machine_token_key, secret_ref
 from .solver import Solver
 from .specs import load_documents
 from .store import EventStore
-from .tasks import cancel_and_wait
+from .roles import Role, closing, hosted
 
 log = logging.getLogger("mlynar.serve")
 LOCAL_MACHINE = "local"
-STOP_TIMEOUT = 10.0
 
 
 class Service:
-    """Everything one ``mlynar serve`` process runs; ``start()`` then ``stop()``."""
+    """Everything one ``mlynar serve`` process runs: ``async with Service(settings)`` (or
+    ``start()`` then ``stop()``). Roles and the resources they use are entered on one exit stack
+    (see :mod:`mlynar_events.roles`), so stopping drains roles before closing what they use."""
 
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
-        self.nats: EmbeddedNats | None = None
         self.store: EventStore | None = None
-        self.tasks: list[asyncio.Task] = []
-        self.closers: list[Callable[[], Awaitable[Any]]] = []
         self.api_url: str | None = None
         self.failed = asyncio.Event()
+        self._stack = contextlib.AsyncExitStack()
+
+    async def __aenter__(self) -> "Service":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def start(self) -> None:
         s = self.settings
         _check_exposure(s)
         s.data_dir.mkdir(parents=True, exist_ok=True)
-        url = s.nats_url
+        try:
+            await self._start(s)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self, s: ServeSettings) -> None:
+        url = s.store.nats_url
         if not url:
-            self.nats = EmbeddedNats(s.data_dir / "nats")
-            url = await self.nats.start()
-        self.store = store = await EventStore.connect(url, duplicate_window=s.duplicate_window, replicas=s.stream_replicas)
-        secrets = await SecretStore.open(store.js, s.stream_replicas)
+            nats = EmbeddedNats(s.data_dir / "nats")
+            url = await nats.start()
+            self._on_stop(nats.stop)
+        self.store = store = await EventStore.connect(url, duplicate_window=s.store.duplicate_window,
+                                                      replicas=s.store.stream_replicas)
+        self._on_stop(store.close)
+        secrets = await SecretStore.open(store.js, s.store.stream_replicas)
         blobs = FileBlobStore(s.resolved_blob_dir)
         if s.registry:
             await self._declare_registry(store, s.registry)
@@ -63,25 +80,18 @@ class Service:
         if "api" in roles or "projector" in roles:
             await self._start_api(store, blobs, secrets, serve_http="api" in roles)
         if "solver" in roles:
-            self._spawn("solver", Solver(store, max_steps_per_run=s.max_steps_per_run).run())
+            await self._host("solver", Solver(store, max_steps_per_run=s.solver.max_steps_per_run))
         if "executor" in roles:
             await self._start_executor(store, blobs, secrets)
         if "crd-sync" in roles:
             await self._start_crd_sync(store)
         log.info("mlynar serving", extra={"roles": ",".join(sorted(roles)), "nats": url, "api": self.api_url})
 
-    def _spawn(self, name: str, coro: Awaitable[Any]) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        task.set_name(name)
+    async def _host(self, name: str, role: Role) -> None:
+        await self._stack.enter_async_context(hosted(name, role, lambda *_: self.failed.set()))
 
-        def done(t: asyncio.Task) -> None:
-            if not t.cancelled() and t.exception() is not None:
-                log.error("role %s crashed", name, exc_info=t.exception())
-                self.failed.set()
-
-        task.add_done_callback(done)
-        self.tasks.append(task)
-        return task
+    def _on_stop(self, close: Callable[[], Awaitable[Any]]) -> None:
+        self._stack.push_async_callback(closing(close))
 
     async def _declare_registry(self, store: EventStore, paths: list[Path]) -> None:
         docs = load_documents(paths)
@@ -101,7 +111,7 @@ class Service:
         token = await secrets.get_or_create(machine_token_key(LOCAL_MACHINE))
         agent = await start_agent(AgentSettings(host="127.0.0.1", port=0, token=token,
                                                 work_dir=self.settings.data_dir / "agent"))
-        self.closers.append(agent.stop)
+        self._on_stop(agent.stop)
         ref = secret_ref(machine_token_key(LOCAL_MACHINE))
         registry = await store.read(key_filter("machine", LOCAL_MACHINE))
         current = registry[-1].event if registry else None
@@ -116,24 +126,21 @@ class Service:
         from api.context import ApiContext
         from projections.projector import Projector, open_db
 
-        s = self.settings
-        db = await open_db(s.resolved_db_path)
-        self.closers.append(db.close)
+        s = self.settings.api
+        db = await open_db(self.settings.resolved_db_path)
+        self._on_stop(db.close)
         projector = Projector(store, db)
-        self._spawn("projector", projector.run())
+        await self._host("projector", projector)
         if not serve_http:
             return
         token = s.api_token_file.read_text().strip() if s.api_token_file else None
-        app = create_app(ApiContext(
-            store=store, blobs=blobs, secrets=secrets, db=db, projector=projector,
-            max_upload_bytes=s.max_upload_bytes, max_json_bytes=s.max_json_bytes,
-            default_max_parallel=s.max_parallel, api_token=token, public_url=s.public_url,
-        ))
+        app = create_app(ApiContext(store=store, blobs=blobs, secrets=secrets, db=db, projector=projector,
+                                    settings=s, api_token=token))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
+        self._on_stop(runner.cleanup)
         site = web.TCPSite(runner, s.host, s.port)
         await site.start()
-        self.closers.append(runner.cleanup)
         port = runner.addresses[0][1] if runner.addresses else s.port  # the bound port when --port 0
         self.api_url = f"http://{s.host}:{port}"
 
@@ -142,16 +149,17 @@ class Service:
         from executors.worker import StepWorker
 
         directory = MachineDirectory(store)
-        self._spawn("machines", directory.run())
+        await self._host("machines", directory)
         machines = MachineBackend(directory, secrets, blobs)
-        self.closers.append(machines.close)
+        self._on_stop(machines.close)
         backends: dict[str, Any] = {"machine": machines}
         kube = await self._kubernetes_backend(store, blobs, secrets)
         if kube is not None:
             backends["kubernetes"] = kube
-        worker = StepWorker(store, blobs, backends, concurrency=self.settings.executor_concurrency,
-                            ack_wait=self.settings.executor_ack_wait, workdir=self.settings.data_dir / "executor")
-        self._spawn("executor", worker.run())
+        e = self.settings.executor
+        worker = StepWorker(store, blobs, backends, concurrency=e.concurrency, ack_wait=e.ack_wait,
+                            workdir=self.settings.data_dir / "executor")
+        await self._host("executor", worker)
 
     async def _kubernetes_backend(self, store: EventStore, blobs: FileBlobStore, secrets: SecretStore) -> Any:
         s = self.settings
@@ -160,28 +168,19 @@ class Service:
         from executors.kubernetes.backend import KubernetesBackend
 
         backend = await KubernetesBackend.create(s.kube, secrets, store, blobs)
-        self.closers.append(backend.close)
+        self._on_stop(backend.close)
         return backend
 
     async def _start_crd_sync(self, store: EventStore) -> None:
         from executors.kubernetes.crd_sync import CrdSync
 
         sync = await CrdSync.create(self.settings.kube, store)
-        self.closers.append(sync.close)
-        self._spawn("crd-sync", sync.run())
+        self._on_stop(sync.close)
+        await self._host("crd-sync", sync)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self.tasks, STOP_TIMEOUT)
-        for close in reversed(self.closers):
-            try:
-                await asyncio.wait_for(close(), STOP_TIMEOUT)
-            except Exception:  # noqa: BLE001 - stopping goes on; the reason is logged
-                log.exception("closing %s failed", getattr(close, "__qualname__", close))
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                await self.store.close()
-        if self.nats is not None:
-            await self.nats.stop()
+        """Drain the roles and close what they used, newest first; safe to call twice."""
+        await self._stack.aclose()
         log.info("mlynar stopped")
 
 
@@ -200,18 +199,14 @@ def _check_exposure(s: ServeSettings) -> None:
 
 
 async def serve_forever(settings: ServeSettings, after_start: Callable[[Service], Awaitable[Any]] | None = None) -> int:
-    service = Service(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await service.start()
+    async with Service(settings) as service:
         if after_start is not None:
             asyncio.ensure_future(after_start(service))
         failed = asyncio.ensure_future(service.failed.wait())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
         return 1 if service.failed.is_set() else 0
-    finally:
-        await service.stop()

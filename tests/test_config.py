@@ -70,3 +70,20 @@ def test_agent_flags_are_its_settings_fields(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("MLYNAR_MAX_PARALLEL", "3")
     s = agent_cli.settings_from_args(agent_cli.build_parser().parse_args(["--token", "t0k", "--port", "0"]))
     assert (s.allow, s.max_parallel, s.port, s.resolve_token()) == (["python3 *", "sh x"], 3, 0, "t0k")
+
+
+def test_every_serve_setting_belongs_to_exactly_one_concern() -> None:
+    """A new flag must be given to the role that uses it (a group) or be process wiring."""
+    owners: dict[str, list[str]] = {}
+    for group in config.GROUPS:
+        for name in group.serve_fields():
+            owners.setdefault(name, []).append(group.__name__)
+    for name in config.PROCESS_FIELDS:
+        owners.setdefault(name, []).append("process")
+    assert set(owners) == set(ServeSettings.model_fields)
+    assert {n: o for n, o in owners.items() if len(o) > 1} == {}
+
+
+def test_a_group_is_a_view_of_the_flags() -> None:
+    s = parse("--kube-namespace", "jobs", "--executor-ack-wait", "7", "--max-json-bytes", "99")
+    assert s.kube.namespace == "jobs" and s.executor.ack_wait == 7.0 and s.api.max_json_bytes == 99
