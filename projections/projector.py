@@ -4,34 +4,28 @@ Each batch of events and the checkpoint are written in one transaction, so every
 exactly once even across crashes. ``wait_for(seq)`` lets the API answer only after the views show
 its own append (read-your-writes).
 
-The handlers are plain synchronous functions over a ``sqlite3.Connection``, and a whole batch
-(handlers, merged run updates, checkpoint, commit) is one call of :func:`apply_batch`: live, in
-one hop to aiosqlite's thread (:func:`projections.connection.in_db_thread`) instead of one hop
-per statement; in a rebuild, right on the event loop thread.
+The handlers (:mod:`projections.run_views`, :mod:`projections.registry_views`) are plain
+synchronous functions over a ``sqlite3.Connection``, and a whole batch (handlers, merged run
+updates, checkpoint, commit) is one call of :func:`apply_batch`: live, in one hop to aiosqlite's
+thread (:func:`projections.connection.in_db_thread`) instead of one hop per statement; in a
+rebuild, right on the event loop thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sqlite3
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 import aiosqlite
 
-from mlynar_events.events import (
-    DataKindDeclared, DataKindDeleted, DataUnitAdded, Event, MachineDeleted, MachineRegistered,
-    MachineUpdated, OperatorDeclared, OperatorDeleted, RunCompleted, RunCreated, RunDeleted,
-    RunStarted, RunTerminated, RunTerminationRequested, StepAttemptFailed, StepCancelled,
-    CATALOGUE, StepFailed, StepScheduled, StepStarted, StepSucceeded, StoredEvent, subject_filters,
-)
+from mlynar_events.events import CATALOGUE, StoredEvent, subject_filters
 from mlynar_events.store import EventStore, Subscription
 
-from mlynar_events.runstate import RUN_STATUS_AFTER, STEP_STATUS_AFTER
-
+from . import registry_views, run_views  # noqa: F401 - their handlers register on import
+from .batch import Batch
 from .connection import in_db_thread
 from .schema import DDL, SCHEMA_VERSION
 
@@ -83,95 +77,6 @@ async def checkpoint(db: aiosqlite.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-# ---- one batch: the handlers and the merged run updates ---------------------------------------
-
-
-@dataclass(slots=True)
-class RunChanges:
-    """What a batch's events did to one ``runs`` row, not yet written: assigned columns (the last
-    value wins), counter increments, and whether a unit reopened a complete run."""
-
-    sets: dict[str, object] = field(default_factory=dict)
-    adds: dict[str, int] = field(default_factory=dict)
-    reopen: bool = False
-
-    def statement(self) -> str:
-        parts = [f"{column} = ?" for column in self.sets]
-        parts += [f"{column} = {column} + ?" for column in self.adds]
-        if self.reopen:  # runstate.REOPEN on the row as it was before this batch, like the event order says
-            parts.append("status = CASE status WHEN 'complete' THEN 'running' ELSE status END")
-        return f"UPDATE runs SET {', '.join(parts)} WHERE id = ?"
-
-    def args(self, run_id: str) -> tuple[object, ...]:
-        return (*self.sets.values(), *self.adds.values(), run_id)
-
-
-class Batch:
-    """The events of one transaction applied on the ``sqlite3.Connection``.
-
-    Nearly every run event touches its ``runs`` row (version, updated_at, counters, status); those
-    changes are merged per run in memory and written once per run when the batch ends
-    (:meth:`flush`), which is equivalent because nothing in a batch reads them back except a unit
-    reopening a complete run, resolved here against the pending status."""
-
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-        self.runs: dict[str, RunChanges] = {}
-
-    def execute(self, sql: str, args: tuple = ()) -> int:
-        """Run one statement; the number of rows it changed."""
-        return self.conn.execute(sql, args).rowcount
-
-    def apply(self, stored: StoredEvent) -> None:
-        handler = HANDLERS.get(type(stored.event))
-        if handler is not None:
-            handler(self, stored.event, stored.seq, stored.time.isoformat())
-
-    def touch(self, run_id: str, seq: int, at: str, **columns: object) -> None:
-        """The run's version and updated_at move to this event (``seq``, at ``at``); ``columns``
-        are set too."""
-        changes = self._changes(run_id)
-        changes.sets["version"] = seq
-        changes.sets["updated_at"] = at
-        if columns:
-            changes.sets.update(columns)
-            if "status" in columns:
-                changes.reopen = False
-
-    def add(self, run_id: str, column: str) -> None:
-        """One more in the run's counter ``column``."""
-        adds = self._changes(run_id).adds
-        adds[column] = adds.get(column, 0) + 1
-
-    def reopen(self, run_id: str) -> None:
-        """A new unit makes a complete run running again (the solver may schedule from it)."""
-        changes = self._changes(run_id)
-        if "status" not in changes.sets:
-            changes.reopen = True
-        elif changes.sets["status"] == "complete":
-            changes.sets["status"] = "running"
-
-    def _changes(self, run_id: str) -> RunChanges:
-        changes = self.runs.get(run_id)
-        if changes is None:
-            changes = self.runs[run_id] = RunChanges()
-        return changes
-
-    def forget(self, run_id: str) -> None:
-        """Drop the run's pending changes: its row was deleted, or has just been created (so the
-        changes came from events before it existed, which change nothing)."""
-        self.runs.pop(run_id, None)
-
-    def flush(self) -> None:
-        """Write the merged run changes: one UPDATE per run, grouped by statement shape."""
-        groups: dict[str, list[tuple[object, ...]]] = {}
-        for run_id, changes in self.runs.items():
-            groups.setdefault(changes.statement(), []).append(changes.args(run_id))
-        for sql, rows in groups.items():
-            self.conn.executemany(sql, rows)
-        self.runs.clear()
-
-
 def apply_batch(conn: sqlite3.Connection, events: list[StoredEvent], last_seq: int) -> None:
     """Apply ``events`` and move the checkpoint to ``last_seq`` in one transaction (exactly-once
     application: either both are stored or neither)."""
@@ -181,165 +86,6 @@ def apply_batch(conn: sqlite3.Connection, events: list[StoredEvent], last_seq: i
             batch.apply(stored)
         batch.flush()
         conn.execute("UPDATE checkpoint SET seq = ? WHERE id = 1", (last_seq,))
-
-
-Handler = Callable[[Batch, Any, int, str], None]
-"""``(batch, event, seq, at)``: the event's stream sequence and its time as ISO text."""
-HANDLERS: dict[type[Event], Handler] = {}
-
-
-def handles(*types: type[Event]) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        for t in types:
-            HANDLERS[t] = fn
-        return fn
-
-    return register
-
-
-@handles(RunCreated)
-def _run_created(b: Batch, e: RunCreated, seq: int, at: str) -> None:
-    if b.execute(
-        "INSERT OR IGNORE INTO runs (id, status, version, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-        (e.run_id, RUN_STATUS_AFTER[RunCreated], seq, at, at),
-    ):
-        b.forget(e.run_id)
-
-
-@handles(DataUnitAdded)
-def _unit_added(b: Batch, e: DataUnitAdded, seq: int, at: str) -> None:
-    b.execute(
-        "INSERT OR IGNORE INTO data_units VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (e.unit_id, e.run_id, e.data_kind, json.dumps(e.ancestors), e.filename, e.size, e.sha256,
-         e.blob, e.step_id, seq, at),
-    )
-    b.reopen(e.run_id)  # RUN_STATUS_AFTER[DataUnitAdded] is REOPEN
-    b.touch(e.run_id, seq, at)
-
-
-@handles(RunStarted)
-def _run_started(b: Batch, e: RunStarted, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunStarted], param_pool=json.dumps(e.param_pool), max_parallel=e.max_parallel)
-
-
-@handles(StepScheduled)
-def _step_scheduled(b: Batch, e: StepScheduled, seq: int, at: str) -> None:
-    if b.execute(
-        "INSERT OR IGNORE INTO steps (id, run_id, operator, revision, status, inputs, seq, scheduled_at)"
-        " VALUES (?, ?, ?, ?, 'created', ?, ?, ?)",
-        (e.step_id, e.run_id, e.operator, e.revision,
-         json.dumps({i.env: i.unit_id for i in e.inputs}), seq, at),
-    ):
-        b.add(e.run_id, "steps_total")
-    b.touch(e.run_id, seq, at)
-
-
-@handles(StepStarted)
-def _step_started(b: Batch, e: StepStarted, seq: int, at: str) -> None:
-    b.execute(
-        "UPDATE steps SET status = ?, attempt = ?, target = ?, external_id = ?,"
-        " started_at = COALESCE(started_at, ?) WHERE id = ? AND status IN ('created', 'running')",
-        (STEP_STATUS_AFTER[StepStarted], e.attempt, e.target, e.external_id, at, e.step_id),
-    )
-    b.touch(e.run_id, seq, at)
-
-
-@handles(StepAttemptFailed)
-def _attempt_failed(b: Batch, e: StepAttemptFailed, seq: int, at: str) -> None:
-    b.execute(
-        "INSERT OR REPLACE INTO step_attempts VALUES (?, ?, 'failed', ?, ?, ?)",
-        (e.step_id, e.attempt, e.error, e.logs_blob, at),
-    )
-    b.execute("UPDATE steps SET error = ? WHERE id = ?", (e.error, e.step_id))
-    b.touch(e.run_id, seq, at)
-
-
-OUTCOME_COLUMN = {"success": "steps_succeeded", "failure": "steps_failed", "cancelled": "steps_cancelled"}
-
-
-@handles(StepSucceeded, StepFailed, StepCancelled)
-def _step_finished(b: Batch, e: StepSucceeded | StepFailed | StepCancelled, seq: int, at: str) -> None:
-    status, attempt, logs = STEP_STATUS_AFTER[type(e)], e.attempt, e.logs_blob
-    if isinstance(e, StepSucceeded):
-        error, outputs = None, e.outputs
-    elif isinstance(e, StepFailed):
-        error, outputs = e.error, []
-    else:
-        error, outputs = e.reason, []
-    if b.execute(
-        "UPDATE steps SET status = ?, error = ?, outputs = ?, finished_at = ?,"
-        " attempt = COALESCE(?, attempt) WHERE id = ? AND status IN ('created', 'running')",
-        (status, error, json.dumps(outputs), at, attempt, e.step_id),
-    ):
-        b.add(e.run_id, OUTCOME_COLUMN[status])
-    if attempt is not None:
-        b.execute(
-            "INSERT OR REPLACE INTO step_attempts VALUES (?, ?, ?, ?, ?, ?)",
-            (e.step_id, attempt, status, error, logs, at),
-        )
-    b.touch(e.run_id, seq, at)
-
-
-@handles(RunTerminationRequested)
-def _termination(b: Batch, e: RunTerminationRequested, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunTerminationRequested], termination_reason=e.reason, cancel_requested=int(e.cancel))
-
-
-@handles(RunTerminated)
-def _terminated(b: Batch, e: RunTerminated, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunTerminated])
-
-
-@handles(RunCompleted)
-def _completed(b: Batch, e: RunCompleted, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunCompleted])
-
-
-@handles(RunDeleted)
-def _deleted(b: Batch, e: RunDeleted, seq: int, at: str) -> None:
-    b.forget(e.run_id)
-    b.execute("DELETE FROM step_attempts WHERE step_id IN (SELECT id FROM steps WHERE run_id = ?)", (e.run_id,))
-    for table in ("steps", "data_units"):
-        b.execute(f"DELETE FROM {table} WHERE run_id = ?", (e.run_id,))
-    b.execute("DELETE FROM runs WHERE id = ?", (e.run_id,))
-
-
-@handles(DataKindDeclared)
-def _kind_declared(b: Batch, e: DataKindDeclared, seq: int, at: str) -> None:
-    b.execute("INSERT OR REPLACE INTO data_kinds VALUES (?, ?, ?)", (e.name, e.spec.model_dump_json(), seq))
-
-
-@handles(DataKindDeleted)
-def _kind_deleted(b: Batch, e: DataKindDeleted, seq: int, at: str) -> None:
-    b.execute("DELETE FROM data_kinds WHERE name = ?", (e.name,))
-
-
-@handles(OperatorDeclared)
-def _op_declared(b: Batch, e: OperatorDeclared, seq: int, at: str) -> None:
-    b.execute(
-        "INSERT OR REPLACE INTO operators VALUES (?, ?, ?, ?)",
-        (e.name, e.spec.model_dump_json(exclude_defaults=True), e.revision, seq),
-    )
-
-
-@handles(OperatorDeleted)
-def _op_deleted(b: Batch, e: OperatorDeleted, seq: int, at: str) -> None:
-    b.execute("DELETE FROM operators WHERE name = ?", (e.name,))
-
-
-@handles(MachineRegistered, MachineUpdated)
-def _machine(b: Batch, e: MachineRegistered, seq: int, at: str) -> None:
-    b.execute(
-        "INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
-        " url = excluded.url, labels = excluded.labels, has_token = excluded.has_token,"
-        " updated_at = excluded.updated_at",
-        (e.name, e.url, json.dumps(e.labels), int(e.token_ref is not None), at, at),
-    )
-
-
-@handles(MachineDeleted)
-def _machine_deleted(b: Batch, e: MachineDeleted, seq: int, at: str) -> None:
-    b.execute("DELETE FROM machines WHERE name = ?", (e.name,))
 
 
 # ---- following the stream ---------------------------------------------------------------------
