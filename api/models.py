@@ -98,15 +98,6 @@ class RunSummary(Model):
     updatedAt: str
 
 
-class ParamIn(Model):
-    """One parameter in Mlynar's ``/run`` body: ``{"name", "value", "defaultValue"?}``."""
-
-    model_config = ConfigDict(extra="ignore")
-    name: str
-    value: str | int | float | bool | None = None
-    defaultValue: str | None = None
-
-
 class MachineIn(Model):
     model_config = ConfigDict(extra="forbid")
     name: Name

@@ -21,6 +21,7 @@ import uuid
 from aiohttp import web
 
 from mlynar_events import credentials
+from mlynar_events import runs as commands
 from mlynar_events.blobs import BlobTooLarge
 from mlynar_events.errors import CommandError, Conflict, NotFound
 from mlynar_events.events import Event, StepOutputReturned
@@ -28,7 +29,8 @@ from mlynar_events.runstate import RunState, StepState, returned_outputs
 
 from .context import ApiContext, ctx
 from .errors import BadRequest, CommandTooLarge
-from .runs import _blob_response, _safe_filename, decide_and_append, load_run
+from .render import blob_response
+from .uploads import safe_filename
 
 log = logging.getLogger("mlynar.api.returns")
 MAX_OUTPUTS = 10_000
@@ -87,7 +89,7 @@ def _running_step(state: RunState, step_id: str, attempt: int) -> StepState:
 async def _running_attempt(request: web.Request, c: ApiContext) -> tuple[str, str, int, StepState]:
     """The step attempt the credential names, while it runs: 401/403, 404, 409 otherwise."""
     run_id, step_id, attempt = await _authenticate(request, c)
-    return run_id, step_id, attempt, _running_step(await load_run(c, run_id), step_id, attempt)
+    return run_id, step_id, attempt, _running_step(await commands.load_run(c.runs, run_id), step_id, attempt)
 
 
 async def get_input(request: web.Request) -> web.StreamResponse:
@@ -102,7 +104,7 @@ async def get_input(request: web.Request) -> web.StreamResponse:
     if not 0 <= index < len(inputs):
         raise NotFound(f"step {step_id!r} has {len(inputs)} input(s); there is no input {index}")
     inp = inputs[index]
-    return await _blob_response(c, inp.blob, inp.filename)
+    return await blob_response(c, inp.blob, inp.filename)
 
 
 async def return_output(request: web.Request) -> web.Response:
@@ -110,7 +112,7 @@ async def return_output(request: web.Request) -> web.Response:
     run_id, step_id, attempt, step = await _running_attempt(request, c)
     kind = request.match_info["data_kind"]
     index = _int(request, "index", 0, MAX_OUTPUTS - 1)
-    filename = _safe_filename(request.query.get("filename"))
+    filename = safe_filename(request.query.get("filename"))
     allowed = step.scheduled.spec.possibleOutputKinds
     if kind not in allowed:
         raise BadRequest(f"operator {step.scheduled.operator!r} may not output data kind {kind!r}; "
@@ -137,7 +139,7 @@ async def return_output(request: web.Request) -> web.Response:
         if before is not None:
             existing.append(before)
         else:
-            await decide_and_append(c, run_id, decide, f"step:{step_id}:{attempt}",
+            await commands.decide_and_append(c.store, c.runs, run_id, decide, f"step:{step_id}:{attempt}",
                                     msg_id=f"{step_id}:returned:{attempt}:{index}")
             events, _ = await c.store.load_run(run_id)
             after = returned_outputs(events, step_id, attempt).get(index)

@@ -1,30 +1,30 @@
 """Run routes: create, upload, params, run, terminate, delete, read, data and step logs.
 
 The handlers parse the request, call the run's commands (:mod:`mlynar_events.runs`, which decide
-from the stream and append) and render. Reads come from the projection, after waiting for the
+from the stream and append) and render (:mod:`api.render`). Reads come from the projection, after waiting for the
 command's own append (read-your-writes)."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Callable
 
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from mlynar_events import runs as commands
 from mlynar_events.blobs import BlobTooLarge, unit_key
 from mlynar_events.errors import NotFound
-from mlynar_events.events import DataUnitAdded, Event
-from mlynar_events.names import is_dns1123_label, job_name, pvc_name
-from mlynar_events.registry import Registry, load_registry
-from mlynar_events.runstate import RunState
+from mlynar_events.events import DataUnitAdded
+from mlynar_events.names import is_dns1123_label
+from mlynar_events.registry import load_registry
 from projections import queries
 
-from .context import ApiContext, ctx
+from .context import ctx
 from .errors import BadRequest, CommandTooLarge, json_body
-from .models import DataUnitOut, ParamIn, RunSummary, StepCounts, StepOut
+from .models import RunSummary
+from .render import base_url, blob_response, counts, ok, run_response, step_out, unit_out
+from .uploads import first_file_part, safe_filename
 
 log = logging.getLogger("mlynar.api.runs")
 
@@ -39,66 +39,6 @@ def _run_id(request: web.Request) -> str:
         return str(uuid.UUID(run_id))
     except ValueError:
         raise NotFound(f"run {run_id!r} does not exist") from None
-
-
-async def load_run(c: ApiContext, run_id: str) -> RunState:
-    return await commands.load_run(c.runs, run_id)
-
-
-async def decide_and_append(
-    c: ApiContext, run_id: str, decide: Callable[[RunState], Event | None], actor: str,
-    msg_id: str | None = None,
-) -> tuple[RunState, int | None]:
-    return await commands.decide_and_append(c.store, c.runs, run_id, decide, actor, msg_id)
-
-
-# ---- rendering --------------------------------------------------------------------------------
-
-
-def base_url(request: web.Request, c: ApiContext) -> str:
-    return (c.settings.public_url or f"{request.scheme}://{request.host}").rstrip("/")
-
-
-def unit_out(base: str, u: dict[str, Any]) -> DataUnitOut:
-    return DataUnitOut(
-        id=u["id"], dataKind=u["data_kind"], ancestors=u["ancestors"],
-        url=f"{base}/static/{u['run_id']}/data/{u['id']}", size=u["size"], sha256=u["sha256"],
-        filename=u["filename"], stepId=u["step_id"],
-    )
-
-
-def step_out(base: str, s: dict[str, Any]) -> StepOut:
-    return StepOut(
-        id=s["id"], jobName=job_name(s["id"]), pvcName=pvc_name(job_name(s["id"])),
-        operator=s["operator"], status=s["status"], inputDataUnits=s["inputs"],
-        outputDataUnits=s["outputs"], revision=s["revision"], attempt=s["attempt"],
-        target=s["target"], error=s["error"],
-        logsUrl=f"{base}/api/run/{s['run_id']}/steps/{s['id']}/logs",
-        scheduledAt=s["scheduled_at"], startedAt=s["started_at"], finishedAt=s["finished_at"],
-    )
-
-
-def counts(run: dict[str, Any]) -> StepCounts:
-    done = run["steps_succeeded"] + run["steps_failed"] + run["steps_cancelled"]
-    return StepCounts(total=run["steps_total"], succeeded=run["steps_succeeded"], failed=run["steps_failed"],
-                      cancelled=run["steps_cancelled"], active=run["steps_total"] - done)
-
-
-async def run_response(request: web.Request, c: ApiContext, run_id: str, status: int = 200) -> web.Response:
-    """A run as every route answers it (``RunOut``'s shape). One renderer: the JSON text SQLite
-    builds from the views (:func:`projections.queries.run_body`), for ``GET`` and the commands
-    alike."""
-    body = await queries.run_body(c.db, run_id, base_url(request, c))
-    if body is None:
-        raise NotFound(f"run {run_id!r} does not exist")
-    return web.Response(text=body, status=status, content_type="application/json")
-
-
-def ok(model: Any, status: int = 200) -> web.Response:
-    return web.json_response(model.model_dump(mode="json"), status=status)
-
-
-# ---- handlers ---------------------------------------------------------------------------------
 
 
 async def create_run(request: web.Request) -> web.Response:
@@ -128,29 +68,6 @@ async def get_run(request: web.Request) -> web.Response:
     return await run_response(request, ctx(request), _run_id(request))
 
 
-async def _first_file_part(request: web.Request) -> BodyPartReader:
-    if not request.content_type.startswith("multipart/"):
-        raise BadRequest("expected a multipart/form-data body with one file part")
-    try:
-        reader = await request.multipart()
-        while True:
-            part = await reader.next()
-            if part is None:
-                raise BadRequest("the multipart body has no file part")
-            if isinstance(part, BodyPartReader) and part.filename is not None:
-                return part
-            if isinstance(part, BodyPartReader):
-                await part.release()
-    except (ValueError, AssertionError, RuntimeError, HttpProcessingError) as exc:
-        raise BadRequest("malformed multipart body", str(exc)) from None
-
-
-def _safe_filename(name: str | None) -> str:
-    base = (name or "data").replace("\\", "/").rsplit("/", 1)[-1].strip()
-    cleaned = "".join(ch for ch in base if ch.isalnum() or ch in "._-")[:128].lstrip(".")
-    return cleaned or "data"
-
-
 async def upload(request: web.Request) -> web.Response:
     c = ctx(request)
     run_id, kind = _run_id(request), request.match_info["data_kind"]
@@ -158,11 +75,11 @@ async def upload(request: web.Request) -> web.Response:
         raise BadRequest(f"{kind!r} is not a valid data kind name (DNS-1123 label)")
     if request.content_length is not None and request.content_length > c.settings.max_upload_bytes + 64 * 1024:
         raise CommandTooLarge(c.settings.max_upload_bytes)
-    commands.check_upload_allowed(await load_run(c, run_id))
+    commands.check_upload_allowed(await commands.load_run(c.runs, run_id))
     kinds = {k["name"] for k in await queries.data_kinds(c.db)}
     if kind not in kinds:
         raise NotFound(f"data kind {kind!r} is not declared")
-    part = await _first_file_part(request)
+    part = await first_file_part(request)
     unit_id = str(uuid.uuid4())
     key = unit_key(run_id, unit_id)
 
@@ -178,7 +95,7 @@ async def upload(request: web.Request) -> web.Response:
         raise BadRequest("malformed multipart body", str(exc)) from None
     # the bytes are durable before the event that points at them is appended
     event = DataUnitAdded(run_id=run_id, unit_id=unit_id, data_kind=kind, ancestors=[], blob=key,
-                          size=info.size, sha256=info.sha256, filename=_safe_filename(part.filename))
+                          size=info.size, sha256=info.sha256, filename=safe_filename(part.filename))
     try:
         seq = await commands.add_uploaded_unit(c.store, c.runs, event, _actor(request))
     except BaseException:
@@ -206,43 +123,6 @@ async def params(request: web.Request) -> web.Response:
     return web.json_response(out)
 
 
-def parse_param_pool(body: Any, registry: Registry) -> dict[str, dict[str, str]]:
-    """Mlynar's ``{op: [{name, value, defaultValue}]}`` (or ``{op: {name: value}}``) into
-    ``{op: {name: value}}``; unknown operators and parameters are 400s."""
-    if body is None:
-        return {}
-    if not isinstance(body, dict):
-        raise BadRequest("the param pool must be a JSON object keyed by operator name")
-    pool: dict[str, dict[str, str]] = {}
-    problems = []
-    for op, params_ in body.items():
-        if op not in registry.operators:
-            problems.append(f"unknown operator {op!r}")
-            continue
-        known = {e.name for e in registry.operators[op][0].configurableEnv}
-        if isinstance(params_, dict):
-            items = [ParamIn(name=k, value=v) for k, v in params_.items()]
-        elif isinstance(params_, list):
-            try:
-                items = [ParamIn.model_validate(p) for p in params_]
-            except Exception as exc:  # pydantic error: wrong element shape
-                problems.append(f"{op}: malformed parameter list ({str(exc).splitlines()[0]})")
-                continue
-        else:
-            problems.append(f"{op}: parameters must be a list or an object")
-            continue
-        values = {}
-        for p in items:
-            if p.name not in known:
-                problems.append(f"operator {op!r} has no configurable parameter {p.name!r} (has {sorted(known)})")
-            elif p.value is not None:
-                values[p.name] = str(p.value).lower() if isinstance(p.value, bool) else str(p.value)
-        pool[op] = values
-    if problems:
-        raise BadRequest("invalid param pool", problems)
-    return pool
-
-
 async def start_run(request: web.Request) -> web.Response:
     c = ctx(request)
     run_id = _run_id(request)
@@ -252,8 +132,8 @@ async def start_run(request: web.Request) -> web.Response:
         raise BadRequest("maxParallel must be an integer") from None
     if not 1 <= max_parallel <= 10_000:
         raise BadRequest("maxParallel must be between 1 and 10000")
-    await load_run(c, run_id)  # 404 before reading the body
-    pool = parse_param_pool(await json_body(request, required=False), await load_registry(c.store))
+    await commands.load_run(c.runs, run_id)  # 404 before reading the body
+    pool = commands.parse_param_pool(await json_body(request, required=False), await load_registry(c.store))
     await c.caught_up(await commands.start(c.store, c.runs, run_id, pool, max_parallel, _actor(request)))
     log.info("run started", extra={"run_id": run_id, "max_parallel": max_parallel})
     return await run_response(request, c, run_id)
@@ -286,17 +166,7 @@ async def unit_data(request: web.Request) -> web.StreamResponse:
     unit = await queries.get_unit(c.db, run_id, unit_id)
     if unit is None:
         raise NotFound(f"data unit {unit_id!r} of run {run_id!r} does not exist")
-    return await _blob_response(c, unit["blob"], unit["filename"])
-
-
-async def _blob_response(c: ApiContext, key: str, filename: str, content_type: str = "application/octet-stream") -> web.StreamResponse:
-    path = c.blobs.local_path(key)
-    if path is None:
-        raise NotFound("the data is gone from the blob store")
-    return web.FileResponse(path, headers={
-        "Content-Disposition": f'attachment; filename="{filename}"',
-        "Content-Type": content_type,
-    })
+    return await blob_response(c, unit["blob"], unit["filename"])
 
 
 async def step_logs(request: web.Request) -> web.StreamResponse:
@@ -311,7 +181,7 @@ async def step_logs(request: web.Request) -> web.StreamResponse:
         attempts = [a for a in attempts if str(a["attempt"]) == wanted]
     if not attempts:
         raise NotFound(f"no logs for step {step_id!r} yet" + (f" (attempt {wanted})" if wanted else ""))
-    return await _blob_response(c, attempts[-1]["logs_blob"], f"{step_id}-{attempts[-1]['attempt']}.log",
+    return await blob_response(c, attempts[-1]["logs_blob"], f"{step_id}-{attempts[-1]['attempt']}.log",
                                 "text/plain; charset=utf-8")
 
 

@@ -1,4 +1,5 @@
-"""A run's commands: create, add an uploaded unit, start, terminate, delete.
+"""A run's commands: create, add an uploaded unit, start (with its
+parameter pool, :func:`parse_param_pool`), terminate, delete.
 
 Next to the registry's commands (:mod:`.registry`): each folds the run from the stream (not from
 the views, which may lag), checks the state (raising :mod:`.errors`, which the API answers as
@@ -10,15 +11,27 @@ handlers in ``api/runs.py`` only parse, call these and render.
 from __future__ import annotations
 
 import uuid
-from typing import Callable
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict
 
 from .blobs import BlobStore, run_prefix
-from .errors import Conflict, NotFound
+from .errors import Conflict, Invalid, NotFound
 from .events import DataUnitAdded, Event, RunCreated, RunDeleted, RunStarted, RunTerminationRequested
+from .registry import Registry
 from .runstate import RunState, RunStateCache
 from .store import ConcurrencyConflict, EventStore
 
 RETRIES = 20
+
+
+class ParamIn(BaseModel):
+    """One parameter in Mlynar's ``/run`` body: ``{"name", "value", "defaultValue"?}``."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    value: str | int | float | bool | None = None
+    defaultValue: str | None = None
 
 
 async def load_run(runs: RunStateCache, run_id: str) -> RunState:
@@ -102,3 +115,40 @@ async def delete(store: EventStore, runs: RunStateCache, blobs: BlobStore, run_i
     _, seq = await decide_and_append(store, runs, run_id, decide, actor)
     await blobs.delete_prefix(run_prefix(run_id))
     return seq
+
+
+def parse_param_pool(body: Any, registry: Registry) -> dict[str, dict[str, str]]:
+    """Mlynar's ``{op: [{name, value, defaultValue}]}`` (or ``{op: {name: value}}``) into
+    ``{op: {name: value}}``; unknown operators and parameters are 400s."""
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise Invalid("the param pool must be a JSON object keyed by operator name")
+    pool: dict[str, dict[str, str]] = {}
+    problems = []
+    for op, params_ in body.items():
+        if op not in registry.operators:
+            problems.append(f"unknown operator {op!r}")
+            continue
+        known = {e.name for e in registry.operators[op][0].configurableEnv}
+        if isinstance(params_, dict):
+            items = [ParamIn(name=k, value=v) for k, v in params_.items()]
+        elif isinstance(params_, list):
+            try:
+                items = [ParamIn.model_validate(p) for p in params_]
+            except Exception as exc:  # pydantic error: wrong element shape
+                problems.append(f"{op}: malformed parameter list ({str(exc).splitlines()[0]})")
+                continue
+        else:
+            problems.append(f"{op}: parameters must be a list or an object")
+            continue
+        values = {}
+        for p in items:
+            if p.name not in known:
+                problems.append(f"operator {op!r} has no configurable parameter {p.name!r} (has {sorted(known)})")
+            elif p.value is not None:
+                values[p.name] = str(p.value).lower() if isinstance(p.value, bool) else str(p.value)
+        pool[op] = values
+    if problems:
+        raise Invalid("invalid param pool", problems)
+    return pool
