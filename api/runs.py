@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -169,12 +170,19 @@ async def unit_data(request: web.Request) -> web.StreamResponse:
     return await blob_response(c, unit["blob"], unit["filename"])
 
 
-async def step_logs(request: web.Request) -> web.StreamResponse:
-    c = ctx(request)
+async def _step(request: web.Request) -> dict[str, Any]:
+    """The route's step from the views, or 404."""
     run_id, step_id = _run_id(request), request.match_info["step_id"]
-    step = await queries.get_step(c.db, run_id, step_id)
+    step = await queries.get_step(ctx(request).db, run_id, step_id)
     if step is None:
         raise NotFound(f"step {step_id!r} of run {run_id!r} does not exist")
+    return step
+
+
+async def step_logs(request: web.Request) -> web.StreamResponse:
+    c = ctx(request)
+    step = await _step(request)
+    step_id = step["id"]
     attempts = [a for a in step["attempts"] if a["logs_blob"]]
     wanted = request.query.get("attempt")
     if wanted is not None:
@@ -187,10 +195,7 @@ async def step_logs(request: web.Request) -> web.StreamResponse:
 
 async def get_step(request: web.Request) -> web.Response:
     c = ctx(request)
-    run_id, step_id = _run_id(request), request.match_info["step_id"]
-    step = await queries.get_step(c.db, run_id, step_id)
-    if step is None:
-        raise NotFound(f"step {step_id!r} of run {run_id!r} does not exist")
+    step = await _step(request)
     body = step_out(base_url(request, c), step).model_dump(mode="json")
     body["attempts"] = step["attempts"]
     return web.json_response(body)
