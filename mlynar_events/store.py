@@ -67,8 +67,10 @@ class EventStore:
         self.replicas = replicas
 
     @classmethod
-    async def connect(cls, url: str, *, name: str = "mlynar", **kwargs: object) -> "EventStore":
-        nc = await nats.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    async def connect(cls, url: "str | NatsOptions", *, name: str = "mlynar", **kwargs: object) -> "EventStore":
+        from .nats_connect import NatsOptions, connect  # noqa: F401  (servers, credentials, start-up retry)
+
+        nc = await connect(url, name=name)
         store = cls(nc, **kwargs)  # type: ignore[arg-type]
         await store.ensure_stream()
         return store
