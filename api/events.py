@@ -1,0 +1,223 @@
+"""The event interface of the API: the stream itself, live and resumable, and a run's history.
+
+* ``GET /api/events`` — Server-Sent Events: every event (optionally only ``?run=`` runs and
+  ``?type=`` types, both repeatable), each as ``id: <stream sequence>``, ``event: <type>`` and
+  ``data:`` one CloudEvent (:mod:`mlynar_events.cloudevents`). A client that reconnects with
+  ``Last-Event-ID`` (or ``?after=<seq>``) gets every event after that one: the stream sequence
+  is the position, so resuming is exact (none twice, none missing), also across a restart of
+  the service. A comment line every ``--sse-heartbeat`` seconds keeps proxies from closing an
+  idle stream.
+* ``GET /api/run/{id}/events`` — the same for one run; with ``Accept: text/event-stream`` it
+  ends after the run's final event (completed, terminated or deleted, with nothing after it),
+  otherwise it answers the history as JSON.
+* ``GET /api/run/{id}/history`` — the run's events as JSON (``?after=&limit=`` pages).
+
+Each subscriber has its own ordered JetStream consumer starting at its position: the stream is
+the buffer, so a slow client holds back nobody else and a fast one sees an append as soon as
+NATS delivers it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from mlynar_events.cloudevents import cloudevent, cloudevent_json
+from mlynar_events.errors import NotFound
+from mlynar_events.events import (
+    CATALOGUE, SUBJECT_PREFIX, RunCompleted, RunDeleted, RunTerminated, StoredEvent, key_filter, subject_filters,
+)
+
+from .context import ctx
+from .errors import BadRequest
+
+log = logging.getLogger("mlynar.api.events")
+
+MAX_FILTER_RUNS = 100
+FINAL = (RunCompleted, RunTerminated, RunDeleted)
+QUEUE = 256
+"""Events read ahead of a slow client; beyond that the consumer waits (NATS holds the rest)."""
+
+
+class HistoryEvent(BaseModel):
+    """One entry of a run's history: the audit record of one event."""
+
+    sequence: int
+    id: str
+    type: str
+    time: str
+    actor: str
+    data: dict[str, Any]
+
+
+class History(BaseModel):
+    events: list[HistoryEvent]
+    next: int | None
+    """``?after=`` for the next page; null when this page reached the end of the history."""
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}")
+    return value
+
+
+def _position(request: web.Request) -> int:
+    """Where to resume: ``Last-Event-ID`` (what EventSource sends on reconnect) wins over ``?after``."""
+    last = request.headers.get("Last-Event-ID")
+    if last is not None and last.strip():
+        try:
+            value = int(last)
+        except ValueError:
+            raise BadRequest("Last-Event-ID must be a stream sequence (an integer)") from None
+        if not 0 <= value < 2**63:
+            raise BadRequest("Last-Event-ID out of range")
+        return value
+    return _int_query(request, "after", 0, 0, 2**63 - 1)
+
+
+def _run_ids(values: list[str]) -> list[str]:
+    if len(values) > MAX_FILTER_RUNS:
+        raise BadRequest(f"at most {MAX_FILTER_RUNS} run filters")
+    out = []
+    for value in values:
+        try:
+            out.append(str(uuid.UUID(value)))
+        except ValueError:
+            raise BadRequest(f"run {value!r} is not a run id") from None
+    return out
+
+
+def _types(values: list[str]) -> list[type]:
+    unknown = sorted(set(values) - set(CATALOGUE))
+    if unknown:
+        raise BadRequest(f"unknown event type(s) {unknown}", {"known": sorted(CATALOGUE)})
+    return [CATALOGUE[v] for v in dict.fromkeys(values)]
+
+
+def stream_filters(runs: list[str], types: list[type]) -> list[str] | None:
+    """NATS subject filters for the ``run``/``type`` query; None when nothing can match (types
+    of no run given with a run filter)."""
+    if not runs:
+        return subject_filters(types) if types else [f"{SUBJECT_PREFIX}.>"]
+    run_types = [t for t in types if t.aggregate == "run"]
+    if types and not run_types:
+        return None
+    if not run_types:
+        return [key_filter("run", r) for r in runs]
+    return [f"{SUBJECT_PREFIX}.run.{r}.{t.event_type}" for r in runs for t in run_types]
+
+
+def _sse_message(stored: StoredEvent) -> bytes:
+    return f"id: {stored.seq}\nevent: {stored.event.event_type}\ndata: {cloudevent_json(stored)}\n\n".encode()
+
+
+async def _stream(request: web.Request, filters: list[str] | None, after: int,
+                  run_id: str | None = None) -> web.StreamResponse:
+    """Write the events after ``after`` matching ``filters`` as SSE until the client goes away
+    (or, for one run, until its final event)."""
+    c = ctx(request)
+    resp = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    })
+    await resp.prepare(request)
+    if filters is None:
+        await resp.write(b": nothing can match these filters\n\n")
+        await resp.write_eof()
+        return resp
+    queue: asyncio.Queue[StoredEvent] = asyncio.Queue(QUEUE)
+    sub = await c.store.subscribe(filters, after + 1)
+
+    async def pump() -> None:
+        async for stored in sub:
+            await queue.put(stored)
+
+    reader = asyncio.ensure_future(pump())
+    heartbeat = c.settings.sse_heartbeat
+    try:
+        await resp.write(b"retry: 1000\n: connected\n\n")
+        while True:
+            try:
+                stored = await asyncio.wait_for(queue.get(), heartbeat)
+            except asyncio.TimeoutError:
+                if reader.done():
+                    reader.result()  # the subscription ended: say why (logged below)
+                    break
+                await resp.write(b": heartbeat\n\n")
+                continue
+            await resp.write(_sse_message(stored))
+            if run_id is not None and isinstance(stored.event, FINAL) and queue.empty() \
+                    and (await c.runs.get(run_id)).version <= stored.seq:
+                break
+    except (ConnectionResetError, asyncio.CancelledError):
+        # the client went away (aiohttp cancels the handler): not an error
+        log.debug("event stream closed by the client", extra={"run_id": run_id})
+    finally:
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
+        await sub.close()
+    with contextlib.suppress(ConnectionResetError):
+        await resp.write_eof()
+    return resp
+
+
+def _wants_sse(request: web.Request) -> bool:
+    return "text/event-stream" in request.headers.get("Accept", "")
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    runs = _run_ids(request.query.getall("run", []))
+    types = _types(request.query.getall("type", []))
+    return await _stream(request, stream_filters(runs, types), _position(request))
+
+
+def _route_run(request: web.Request) -> str:
+    try:
+        return str(uuid.UUID(request.match_info["run_id"]))
+    except ValueError:
+        raise NotFound(f"run {request.match_info['run_id']!r} does not exist") from None
+
+
+async def run_events(request: web.Request) -> web.StreamResponse:
+    run_id = _route_run(request)
+    if not _wants_sse(request):
+        return await history(request)
+    types = _types(request.query.getall("type", []))
+    after = _position(request)
+    if not (await ctx(request).runs.get(run_id)).version:
+        raise NotFound(f"run {run_id!r} does not exist")
+    return await _stream(request, stream_filters([run_id], types), after, run_id)
+
+
+async def history(request: web.Request) -> web.Response:
+    """The run's events in order, as the audit trail: who (``actor``) did what, when."""
+    c = ctx(request)
+    run_id = _route_run(request)
+    after = _position(request)
+    limit = _int_query(request, "limit", 1000, 1, 10_000)
+    events = [e for e in await c.store.read(key_filter("run", run_id), after + 1) if e.seq > after]
+    if not events and not after:
+        raise NotFound(f"run {run_id!r} has no history")
+    page = events[:limit]
+    body = History(
+        events=[HistoryEvent(sequence=e.seq, id=e.envelope.id, type=e.event.event_type,
+                             time=cloudevent(e)["time"], actor=e.envelope.actor,
+                             data=e.event.model_dump(mode="json")) for e in page],
+        next=page[-1].seq if len(events) > limit else None,
+    )
+    return web.json_response(body.model_dump(mode="json"))
