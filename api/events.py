@@ -10,7 +10,8 @@
 * ``GET /api/run/{id}/events`` — the same for one run; with ``Accept: text/event-stream`` it
   ends after the run's final event (completed, terminated or deleted, with nothing after it),
   otherwise it answers the history as JSON.
-* ``GET /api/run/{id}/history`` — the run's events as JSON (``?after=&limit=`` pages).
+* ``GET /api/run/{id}/history`` — the run's events as JSON (``?after=&limit=`` pages), and
+  ``GET /api/run/{id}?at=<seq>`` — the run as it was right after event ``seq``.
 
 Each subscriber has its own ordered JetStream consumer starting at its position: the stream is
 the buffer, so a slow client holds back nobody else and a fast one sees an append as soon as
@@ -34,8 +35,11 @@ from mlynar_events.events import (
     CATALOGUE, SUBJECT_PREFIX, RunCompleted, RunDeleted, RunTerminated, StoredEvent, key_filter, subject_filters,
 )
 
+from projections.history import run_body_at
+
 from .context import ctx
 from .errors import BadRequest
+from .render import base_url
 
 log = logging.getLogger("mlynar.api.events")
 
@@ -186,7 +190,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     return await _stream(request, stream_filters(runs, types), _position(request))
 
 
-def _route_run(request: web.Request) -> str:
+def route_run(request: web.Request) -> str:
     try:
         return str(uuid.UUID(request.match_info["run_id"]))
     except ValueError:
@@ -194,7 +198,7 @@ def _route_run(request: web.Request) -> str:
 
 
 async def run_events(request: web.Request) -> web.StreamResponse:
-    run_id = _route_run(request)
+    run_id = route_run(request)
     if not _wants_sse(request):
         return await history(request)
     types = _types(request.query.getall("type", []))
@@ -207,7 +211,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
 async def history(request: web.Request) -> web.Response:
     """The run's events in order, as the audit trail: who (``actor``) did what, when."""
     c = ctx(request)
-    run_id = _route_run(request)
+    run_id = route_run(request)
     after = _position(request)
     limit = _int_query(request, "limit", 1000, 1, 10_000)
     events = [e for e in await c.store.read(key_filter("run", run_id), after + 1) if e.seq > after]
@@ -221,3 +225,16 @@ async def history(request: web.Request) -> web.Response:
         next=page[-1].seq if len(events) > limit else None,
     )
     return web.json_response(body.model_dump(mode="json"))
+
+
+async def run_at(request: web.Request) -> web.Response:
+    """``GET /api/run/{id}?at=<seq>``: the run as it was right after event ``seq``, folded from
+    the history (:func:`projections.history.run_body_at`), in the live view's shape."""
+    c = ctx(request)
+    run_id = route_run(request)
+    head = await c.store.last_seq()
+    at = _int_query(request, "at", head, 1, max(head, 1))
+    body = await run_body_at(c.store, run_id, at, base_url(request, c))
+    if body is None:
+        raise NotFound(f"run {run_id!r} did not exist at sequence {at}")
+    return web.Response(text=body, content_type="application/json")

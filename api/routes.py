@@ -9,7 +9,9 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel
 
-from . import machines, registry, returns, runs
+from mlynar_events.lineage import Lineage, Provenance
+
+from . import events, lineage, machines, registry, returns, runs
 from .context import ctx
 from .models import (
     Declared, Deleted, DataKindOut, DataUnitOut, Health, MachineCheck, MachineIn, MachineOut,
@@ -48,7 +50,8 @@ ROUTES: list[Route] = [
     Route("GET", "/api/runs", runs.list_runs, "List runs, newest first", response=list[RunSummary],
           query=(("limit", "integer"), ("offset", "integer"))),
     Route("POST", "/api/run", runs.create_run, "Create an empty run", response=RunOut),
-    Route("GET", RUN, runs.get_run, "A run with its data pool and steps", response=RunOut, errors=(404,)),
+    Route("GET", RUN, runs.get_run, "A run with its data pool and steps (?at=<seq>: as it was right after that event)",
+          response=RunOut, errors=(400, 404), query=(("at", "integer"),)),
     Route("DELETE", RUN, runs.delete_run, "Delete a run and its data", errors=(404, 409)),
     Route("POST", RUN + "/upload/{data_kind}", runs.upload, "Add a file to the run's pool as a data kind",
           body="multipart/form-data", response=DataUnitOut, errors=(400, 404, 409, 413)),
@@ -58,6 +61,19 @@ ROUTES: list[Route] = [
           response=RunOut, errors=(400, 404, 409), query=(("maxParallel", "integer"),)),
     Route("POST", RUN + "/terminate", runs.terminate_run, "Stop scheduling; cancel=true also cancels running steps",
           response=RunOut, errors=(404, 409), query=(("cancel", "boolean"),)),
+    Route("GET", "/api/events", events.events, "Every event as Server-Sent Events (CloudEvents in data:); "
+          "resumes after Last-Event-ID", errors=(400,),
+          query=(("run", "string"), ("type", "string"), ("after", "integer"))),
+    Route("GET", RUN + "/events", events.run_events, "One run's events: SSE with Accept: text/event-stream "
+          "(ends after the run's final event), else its history", response=events.History, errors=(400, 404),
+          query=(("type", "string"), ("after", "integer"), ("limit", "integer"))),
+    Route("GET", RUN + "/history", events.history, "The run's events in order (sequence, id, type, time, actor, data)",
+          response=events.History, errors=(400, 404), query=(("after", "integer"), ("limit", "integer"))),
+    Route("GET", RUN + "/lineage", lineage.get_lineage, "The run's data flow: units and steps, unit → step → unit",
+          response=Lineage, errors=(404,)),
+    Route("GET", RUN + "/units/{unit_id}/provenance", lineage.get_provenance,
+          "A unit's chain back to its uploads, with each step's operator revision and parameters",
+          response=Provenance, errors=(404,)),
     Route("GET", RUN + "/steps/{step_id}", runs.get_step, "One step with its attempts", errors=(404,)),
     Route("GET", RUN + "/steps/{step_id}/logs", runs.step_logs, "A step's logs (latest attempt)",
           errors=(404,), query=(("attempt", "integer"),)),

@@ -21,6 +21,7 @@ from mlynar_events.names import is_dns1123_label
 from mlynar_events.registry import load_registry
 from projections import queries
 
+from . import events
 from .context import ctx
 from .errors import BadRequest, CommandTooLarge, json_body
 from .models import RunSummary
@@ -65,7 +66,10 @@ async def list_runs(request: web.Request) -> web.Response:
 
 
 async def get_run(request: web.Request) -> web.Response:
-    """The hottest read: JSON text straight from the views, no pydantic, no ``json.dumps``."""
+    """The hottest read: JSON text straight from the views, no pydantic, no ``json.dumps``;
+    with ``?at=<seq>``, the run as it was then (:func:`api.events.run_at`)."""
+    if "at" in request.query:
+        return await events.run_at(request)
     return await run_response(request, ctx(request), _run_id(request))
 
 

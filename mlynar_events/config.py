@@ -122,6 +122,7 @@ class ApiSettings(SettingsGroup):
     api_token_file: Path | None
     insecure_no_auth: bool
     public_url: str | None
+    sse_heartbeat: float
 
 
 class SolverSettings(SettingsGroup):
@@ -187,6 +188,7 @@ class ServeSettings(BaseModel):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field("text", description="text or json")
     public_url: str | None = Field(None, description="base URL used in data unit 'url' fields (default: the request's own)")
+    sse_heartbeat: float = Field(15.0, gt=0, description="seconds between keep-alive comments on an idle event stream (/api/events)")
     # Kubernetes executor
     kube_namespace: str = Field("default", description="namespace of step Jobs and watched CRDs")
     kube_config: Path | None = Field(None, description="kubeconfig file for the Kubernetes executor")

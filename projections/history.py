@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from mlynar_events.events import OperatorDeclared, OperatorDeleted, key_filter, subject_filters
+from mlynar_events.events import key_filter, of_aggregate, subject_filters
 from mlynar_events.store import EventStore
 
 from .projector import apply_batch, prepare
@@ -24,8 +24,8 @@ async def run_body_at(store: EventStore, run_id: str, at: int, base: str) -> str
     events = [e for e in await store.read(key_filter("run", run_id)) if e.seq <= at]
     if not events:
         return None
-    registry = [e for e in await store.read(subject_filters([OperatorDeclared, OperatorDeleted]))
-                if e.seq <= at]
+    [operators] = subject_filters(of_aggregate("operator"))  # every operator event: one filter
+    registry = [e for e in await store.read(operators) if e.seq <= at]
     conn = sqlite3.connect(":memory:")
     try:
         prepare(conn)
