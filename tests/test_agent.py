@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,9 @@ except ImportError:  # tests/ became a package
 TOKEN = "s3cret-token-for-tests"
 SECRET = "agent-only-secret-value"
 PY = sys.executable  # not a pyenv shim, which would add its own variables
+#: The protocol tests run the test's own interpreter on the test's files, as the agent's user; the
+#: isolation itself is tested in tests/test_agent_isolation.py.
+UNCONFINED = ("--isolation", "none", "--run-as-user", "")
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the agent's process handling is Linux-first")
 
@@ -56,7 +60,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="th
 def agent(tmp_path_factory):
     """One shared agent; the token comes from MLYNAR_TOKEN and a secret sits in its environment."""
     work = tmp_path_factory.mktemp("agent") / "work"
-    proc = AgentProcess(work, "--max-parallel", "4", env=clean_env(MLYNAR_TOKEN=TOKEN, AGENT_SECRET=SECRET)).start()
+    proc = AgentProcess(work, "--max-parallel", "4", *UNCONFINED, env=clean_env(MLYNAR_TOKEN=TOKEN, AGENT_SECRET=SECRET)).start()
     yield proc
     proc.stop()
 
@@ -222,7 +226,7 @@ async def test_step_environment_is_built_from_scratch(client, agent, tmp_path):
     assert set(env) - {"LC_CTYPE"} == {"PATH", "HOME", "LANG", "FOO", "IN_A", "MLYNAR_OUTPUT_DIR"}
     assert env["FOO"] == "bar" and env["LANG"] == "C.UTF-8"
     sandbox = agent.work_dir.resolve() / "steps" / "env-1"
-    assert env["HOME"] == str(sandbox)
+    assert env["HOME"] == str(sandbox / "work")
     assert env["MLYNAR_OUTPUT_DIR"] == str(sandbox / "out")
     assert env["IN_A"] == str(sandbox / "inputs" / "a" / "in.txt")  # the filename was reduced to its basename
     dumped = json.dumps(env)
@@ -295,15 +299,18 @@ async def test_command_not_found_fails(client):
 
 
 async def test_allow_patterns(tmp_path):
-    proc = AgentProcess(tmp_path / "w", "--allow", "python3 *", "--allow", "true", env=clean_env(MLYNAR_TOKEN=TOKEN)).start()
+    proc = AgentProcess(tmp_path / "w", *UNCONFINED, "--allow", "python3 *", "--allow", "true", env=clean_env(MLYNAR_TOKEN=TOKEN)).start()
     try:
         async with AgentClient(proc.url, TOKEN) as c:
             await c.put_step("denied", {"command": ["sh", "-c", "echo hi > /tmp/should-not-exist"]}, {})
             st = await wait_terminal(c, "denied")
             assert st["state"] == "failed" and st["startedAt"] is None
+            sh = os.path.realpath(shutil.which("sh"))
             assert st["error"] == (
-                "command \"sh -c 'echo hi > /tmp/should-not-exist'\" is not allowed by --allow patterns ['python3 *', 'true']"
+                f"command \"sh -c 'echo hi > /tmp/should-not-exist'\" (resolved: \"{sh} -c 'echo hi > /tmp/should-not-exist'\") "
+                "is not allowed by --allow patterns ['python3 *', 'true']"
             )
+            assert st["retryable"] is False and not os.path.exists("/tmp/should-not-exist")
             script = 'import json, os; open(os.environ["MLYNAR_OUTPUT_DIR"] + "/mlynar-out.json", "w").write(json.dumps({"outputs": []}))'
             await c.put_step("allowed", {"command": ["python3", "-c", script]}, {})
             st = await wait_terminal(c, "allowed")
@@ -312,7 +319,7 @@ async def test_allow_patterns(tmp_path):
         proc.stop()
 
 
-async def test_timeout_kills_the_whole_process_group(client, tmp_path):
+async def test_timeout_kills_the_whole_process_tree(client, tmp_path):
     pidfile = tmp_path / "pids"
     manifest = {
         "command": ["sh", "-c", 'echo "$$ $(ps -o pgid= -p $$)" > "$PIDFILE"; sleep 300 & echo $! >> "$PIDFILE"; sleep 300'],
@@ -324,8 +331,7 @@ async def test_timeout_kills_the_whole_process_group(client, tmp_path):
     assert st["state"] == "failed" and st["error"] == "timed out after 1 s"
     lines = pidfile.read_text().split()
     pid, pgid, grandchild = int(lines[0]), int(lines[1]), int(lines[2])
-    assert pgid == pid  # the step leads its own process group
-    await wait_for(lambda: pid_gone(grandchild), timeout=10, what="the grandchild to die")
+    await wait_for(lambda: pid_gone(pid) and pid_gone(grandchild), timeout=10, what="the step and its child to die")
     await wait_for(lambda: group_gone(pgid), timeout=15, what=f"process group {pgid} to disappear")
 
 
@@ -538,7 +544,7 @@ async def test_restart_keeps_finished_results(tmp_path):
     work = tmp_path / "w"
     env = clean_env(MLYNAR_TOKEN=TOKEN)
     pidfile = tmp_path / "pid"
-    proc = AgentProcess(work, env=env).start()
+    proc = AgentProcess(work, *UNCONFINED, env=env).start()
     try:
         async with AgentClient(proc.url, TOKEN) as c:
             script = WRITE_OUTPUTS + """
@@ -557,7 +563,7 @@ async def test_restart_keeps_finished_results(tmp_path):
     # PR_SET_PDEATHSIG: the step's process does not outlive a killed agent
     await wait_for(lambda: pid_gone(child), timeout=10, what="the orphaned step to die")
 
-    proc = AgentProcess(work, env=env).start()
+    proc = AgentProcess(work, *UNCONFINED, env=env).start()
     try:
         async with AgentClient(proc.url, TOKEN) as c:
             st = await c.status("keep-1")

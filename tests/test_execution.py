@@ -508,8 +508,9 @@ async def _split_roles(nats_url: str, procs: Any, tmp_path: Path, ack_wait: str)
                      "--data-dir", str(tmp_path / "api-data"), *common)
     token_file = tmp_path / "agent-token"
     token_file.write_text("agent-secret-token\n")
+    # the operator is this test's script run by this test's interpreter, as the test's user: unconfined
     agent = procs("agent", "machine-agent", "--host", "127.0.0.1", "--port", "0", "--token-file", str(token_file),
-                  "--work-dir", str(tmp_path / "agent-work"))
+                  "--work-dir", str(tmp_path / "agent-work"), "--isolation", "none", "--run-as-user", "")
     executor_args = ["serve", "--roles", "executor", "--executor-ack-wait", ack_wait, *common]
     first = procs("executor-1", *executor_args, "--data-dir", str(tmp_path / "exec-1"))
 

@@ -3,19 +3,22 @@
 Every endpoint needs ``Authorization: Bearer <token>`` (401 missing, 403 wrong; constant-time
 compare). Errors are ``{"error": ..., "detail": ...}``; bad input is always a 4xx.
 
-* ``GET /v1/healthz`` -> ``{"status": "ok", "version", "running", "queued", "maxParallel"}``
+* ``GET /v1/healthz`` -> ``{"status": "ok", "version", "running", "queued", "maxParallel",
+  "isolation": "bwrap"|"none", "isolationReason", "runAs", "limits", "read", "write"}``
 * ``PUT /v1/steps/{step_id}`` multipart: part ``manifest`` (JSON, :class:`.models.StepManifest`),
   then one part per input named like the input. New step -> 202, same manifest as an existing
   step -> 200 (nothing is started again; this is how an executor re-attaches), different
   manifest -> 409, a concurrent upload of the same id -> 409, too large -> 413.
 * ``GET /v1/steps/{step_id}[?wait=S]`` status (:class:`.models.StepStatus`), long-poll 0 < S <= 60
 * ``GET /v1/steps/{step_id}/outputs/{n}`` (409 unless succeeded), ``GET .../logs``
-* ``DELETE /v1/steps/{step_id}`` kills the step's process group and removes the sandbox.
+* ``DELETE /v1/steps/{step_id}`` kills the step's whole process tree and removes the sandbox.
 
 Decisions: uploads are staged under ``<work-dir>/tmp`` and renamed into ``steps/`` only when
 complete, so a failed or aborted upload leaves nothing; when the step's main process exits,
-anything it left running in its process group is killed; a step id whose result has expired
-(``--result-ttl``) or was deleted is unknown again, so a later PUT runs it anew.
+anything it left running is killed (:mod:`.isolation`); outputs and logs are served only as
+regular single-link files of the sandbox, through the descriptor that was checked; a step id
+that was deleted (or whose result expired, ``--result-ttl``) is unknown again, so a later PUT
+runs it anew.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import hmac
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -35,8 +39,8 @@ from pydantic import ValidationError
 
 from . import __version__
 from .models import StepManifest, valid_step_id
-from .runner import StepManager, resolve_output_path
-from .sandbox import StepDir, remove_tree
+from .runner import StepManager, open_output
+from .sandbox import StepDir, UnsafeFile, open_regular, remove_tree
 from .settings import AgentSettings
 
 log = logging.getLogger("mlynar.agent")
@@ -164,6 +168,7 @@ _ALLOWED_TRANSFER_ENCODINGS = {"", "binary", "8bit", "7bit"}
 
 async def healthz(request: web.Request) -> web.Response:
     manager = request.app[MANAGER]
+    assert manager.isolation is not None
     return web.json_response(
         {
             "status": "ok",
@@ -171,6 +176,7 @@ async def healthz(request: web.Request) -> web.Response:
             "running": manager.count("running"),
             "queued": manager.count("queued"),
             "maxParallel": manager.settings.max_parallel,
+            **manager.isolation.public(),
         }
     )
 
@@ -308,20 +314,36 @@ async def get_output(request: web.Request) -> web.StreamResponse:
     n = int(n_raw)
     if n >= len(step.status.outputs):
         raise ApiError(404, "unknown output", f"step {step_id} has {len(step.status.outputs)} output(s)")
-    path = resolve_output_path(step.dir.out, step.status.outputs[n].file)
-    if path is None:
+    fd = open_output(step.dir.out, step.status.outputs[n].file)
+    if fd is None:
         raise ApiError(409, "output file is gone", f"output {n} of step {step_id} is no longer a file in the sandbox")
-    return web.FileResponse(path, chunk_size=CHUNK, headers={"Content-Type": "application/octet-stream"})
+    return await _send_fd(request, fd, "application/octet-stream")
 
 
 async def get_logs(request: web.Request) -> web.StreamResponse:
     step_id = _step_id(request)
     step = _existing(request, step_id)
-    logs = step.dir.logs
-    if logs.is_symlink() or not logs.is_file() or step.dir.root.resolve() != step.dir.root:
+    try:
+        if step.dir.root.resolve() != step.dir.root:
+            raise UnsafeFile("the sandbox moved")
+        fd = open_regular(step.dir.root, step.dir.logs.name)
+    except (UnsafeFile, OSError):
         # the step may have replaced its logs file; never follow it out of the sandbox
         return web.Response(body=b"", content_type="text/plain")
-    return web.FileResponse(logs, chunk_size=CHUNK, headers={"Content-Type": "text/plain; charset=utf-8"})
+    return await _send_fd(request, fd, "text/plain; charset=utf-8")
+
+
+async def _send_fd(request: web.Request, fd: int, content_type: str) -> web.StreamResponse:
+    """Stream the file behind ``fd`` (checked by :func:`.sandbox.open_regular`) and close it."""
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        resp = web.StreamResponse(headers={"Content-Type": content_type})
+        resp.content_length = size
+        await resp.prepare(request)
+        while chunk := await asyncio.to_thread(f.read, CHUNK):
+            await resp.write(chunk)
+        await resp.write_eof()
+        return resp
 
 
 async def delete_step(request: web.Request) -> web.Response:
@@ -361,15 +383,16 @@ class RunningAgent:
     _stopped: bool = field(default=False, repr=False)
 
     async def stop(self) -> None:
-        """Stop serving, kill every running step's process group and release the work dir."""
+        """Stop: running steps are reported lost and their processes killed (long-polls get that
+        answer), then the server stops and the work dir is released."""
         if self._stopped:
             return
         self._stopped = True
-        self._manager.stopping.set()
         try:
+            await self._manager.shutdown()
             await self._runner.cleanup()
         finally:
-            await self._manager.shutdown()
+            self._manager.close()
         log.info("machine agent at %s stopped", self.url)
 
     async def __aenter__(self) -> "RunningAgent":
@@ -395,16 +418,23 @@ async def start_agent(settings: AgentSettings) -> RunningAgent:
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()
     except BaseException:
-        await runner.cleanup()
         await manager.shutdown()
+        await runner.cleanup()
+        manager.close()
         raise
     sockname = runner.addresses[0]
     host, port = sockname[0], sockname[1]
     url_host = f"[{host}]" if ":" in host else host
     url = f"http://{url_host}:{port}"
+    iso = manager.isolation
+    assert iso is not None
     log.info(
-        "machine agent %s listening on %s (work dir %s, max parallel %d%s)",
-        __version__, url, manager.work_dir, settings.max_parallel,
+        "machine agent %s listening on %s (work dir %s, max parallel %d, isolation %s, steps run as %s%s)",
+        __version__, url, manager.work_dir, settings.max_parallel, iso.mode, iso.public()["runAs"],
         f", allow {settings.allow!r}" if settings.allow else "",
+        extra={"isolation": iso.mode, "isolation_reason": iso.reason},
     )
+    if iso.mode == "none":
+        log.warning("steps are NOT isolated (%s): they see every file their user can read; their process trees "
+                    "are still killed on DELETE, timeout and stop", iso.reason, extra={"isolation": "none"})
     return RunningAgent(url=url, settings=settings, host=host, port=port, _runner=runner, _manager=manager)

@@ -11,12 +11,14 @@ import asyncio
 import logging
 import signal
 import sys
+import typing
 
 from mlynar_events.config import add_model_flags, flag, resolve_repeats
 
 from . import __version__
 from .app import start_agent
-from .settings import AgentConfigError, AgentSettings
+from .scrub import hide_token
+from .settings import AgentConfigError, AgentSettings, MachineAgentSettings
 
 log = logging.getLogger("mlynar.agent")
 
@@ -27,10 +29,17 @@ NOT_FLAGS = ("max_manifest_bytes", "kill_grace")
 """AgentSettings fields only an embedding program sets."""
 
 
+def _isolation(text: str) -> str:
+    choices = typing.get_args(AgentSettings.model_fields["isolation"].annotation)
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(choices)}, not {text!r}")
+    return text
+
+
 def add_agent_flags(p: argparse.ArgumentParser) -> None:
-    """The fields of AgentSettings as flags (the token parsed as plain text: an empty one is
+    """The fields of MachineAgentSettings as flags (the token parsed as plain text: an empty one is
     refused by :meth:`AgentSettings.resolve_token`), plus the log level."""
-    add_model_flags(p, AgentSettings, skip=NOT_FLAGS, parsers={"token": str})
+    add_model_flags(p, MachineAgentSettings, skip=NOT_FLAGS, parsers={"token": str, "isolation": _isolation})
     flag(p, "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
@@ -52,18 +61,14 @@ def settings_from_args(ns: argparse.Namespace) -> AgentSettings:
         raise AgentConfigError(f"--max-input-bytes must not be negative, got {ns.max_input_bytes}")
     if not 0 <= ns.port <= 65535:
         raise AgentConfigError(f"--port must be between 0 and 65535, got {ns.port}")
-    return AgentSettings(
-        host=ns.host,
-        port=ns.port,
-        token=ns.token or None,
-        token_file=ns.token_file,
-        insecure_no_auth=ns.insecure_no_auth,
-        work_dir=ns.work_dir,
-        allow=list(ns.allow or []),
-        max_parallel=ns.max_parallel,
-        result_ttl=ns.result_ttl,
-        max_input_bytes=ns.max_input_bytes,
-    )
+    values = {k: getattr(ns, k) for k in MachineAgentSettings.model_fields if k not in NOT_FLAGS}
+    values["token"] = ns.token or None
+    for repeated in ("allow", "read", "write"):
+        values[repeated] = list(values[repeated] or [])
+    try:
+        return MachineAgentSettings(**values)
+    except ValueError as e:  # pydantic's ValidationError: a value out of range
+        raise AgentConfigError(str(e)) from None
 
 
 def _setup_logging(level: str) -> None:
@@ -78,7 +83,11 @@ def _setup_logging(level: str) -> None:
 
 
 async def serve(settings: AgentSettings) -> int:
-    """Run an agent until SIGINT/SIGTERM; prints "mlynar machine-agent listening on URL" to stdout."""
+    """Run an agent until SIGINT/SIGTERM; prints "mlynar machine-agent listening on URL" to stdout.
+
+    The token is removed from this process's environment and start-up memory first
+    (:func:`.scrub.hide_token`), so a step cannot read it from ``/proc/<agent>/environ``."""
+    hide_token(settings.resolve_token())
     agent = await start_agent(settings)
     print(f"mlynar machine-agent listening on {agent.url}", flush=True)
     stop = asyncio.Event()

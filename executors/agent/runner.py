@@ -1,32 +1,34 @@
-"""Runs steps: one sandbox, one process group per step, persisted state, result expiry.
+"""Runs steps: one sandbox and one confined process tree per step, persisted state, restarts.
 
-The :class:`StepManager` owns every step the agent knows. Each accepted step gets an asyncio task
-(:meth:`StepManager._run`) that waits for a ``--max-parallel`` slot, starts the command in its own
-session/process group with an environment built from scratch, enforces the timeout, kills whatever
-the step left behind in its group, then validates ``mlynar-out.json`` and hashes the outputs.
+The :class:`StepManager` owns every step the agent knows. Each accepted step is checked by the
+command policy (:mod:`.allow`), then gets an asyncio task (:meth:`StepManager._run`) that waits for
+a ``--max-parallel`` slot, starts the command through the isolation (:mod:`.isolation`) with an
+environment built from scratch, enforces the timeout, and then validates ``mlynar-out.json`` and
+hashes the outputs.
+
+Restarts (the agent is killed or stopped): a step that was only ``queued`` runs after the next
+start; one that was ``running`` is reported ``failed`` with ``lost=True`` (the attempt ended
+because of the agent, so the executor retries it without counting it against the operator's
+retries); finished steps stay until the executor deletes them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import fcntl
-import fnmatch
 import hashlib
 import logging
 import os
 import shlex
-import signal
-import subprocess
-import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from mlynar_events.outputs import OutputManifestError, read_output_manifest
+from mlynar_events.outputs import MANIFEST, OUTPUT_DIR, OutputManifestError, parse_output_manifest, read_output_manifest
 
+from .allow import Command, CommandPolicy, Refusal
+from .isolation import Isolation
 from .models import (
     TERMINAL_STATES,
     StepManifest,
@@ -34,61 +36,18 @@ from .models import (
     StepStatus,
     valid_step_id,
 )
-from .sandbox import StepDir, remove_tree
+from .sandbox import StepDir, UnsafeFile, open_regular, remove_tree
 from .settings import AgentConfigError, AgentSettings
 
 log = logging.getLogger("mlynar.agent")
 
 HASH_CHUNK = 1024**2
 RESTARTED_ERROR = "agent restarted while the step was running"
+STOPPED_ERROR = "agent stopped while the step was running"
 
 
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-# --- PR_SET_PDEATHSIG -------------------------------------------------------------------------
-
-_PR_SET_PDEATHSIG = 1
-_prctl = None
-if sys.platform.startswith("linux"):
-    try:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _prctl = _libc.prctl
-        _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-        _prctl.restype = ctypes.c_int
-    except (OSError, AttributeError):  # pragma: no cover - exotic libc
-        _prctl = None
-
-
-def _make_preexec(parent_pid: int):
-    """Runs in the child between fork and exec: ask the kernel to SIGKILL the child when the agent
-    dies (Linux only). The child's own children do not inherit this; the agent kills the whole
-    process group on timeout, cancel and stop instead."""
-    if _prctl is None:
-        return None
-    prctl = _prctl
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the agent died before prctl took effect
-            os._exit(137)
-
-    return preexec
-
-
-def _killpg(pgid: int | None, sig: int) -> bool:
-    """Signal a process group; False when it no longer exists."""
-    if pgid is None or pgid <= 1:
-        return False
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        log.warning("no permission to signal process group %d", pgid)
-        return False
 
 
 # --- output validation ------------------------------------------------------------------------
@@ -99,8 +58,10 @@ class StepFailure(Exception):
 
 
 def collect_outputs(out_dir: Path) -> list[StepOutput]:
-    """Check ``mlynar-out.json`` in ``out_dir`` (:func:`mlynar_events.outputs.read_output_manifest`)
-    and describe every output file (size, sha256).
+    """Check ``mlynar-out.json`` in ``out_dir`` (:func:`mlynar_events.outputs.read_output_manifest`),
+    then the agent's own rule (:func:`.sandbox.open_regular`: the manifest and every output are
+    regular files the step created, no symlink on the way, no hard link), and describe every
+    output (size, sha256, read through the checked descriptor).
 
     ``out_dir`` must itself still be the real directory the agent created (a step cannot swap it
     for a symlink)."""
@@ -109,15 +70,17 @@ def collect_outputs(out_dir: Path) -> list[StepOutput]:
         raise StepFailure("MLYNAR_OUTPUT_DIR was removed or replaced by a symlink; it must stay a directory")
     try:
         checked = read_output_manifest(out_real)
+        with os.fdopen(_open_checked(out_real, MANIFEST, "the manifest"), "rb") as f:
+            names = [e.file for e in parse_output_manifest(f.read()).outputs]
     except OutputManifestError as e:
         raise StepFailure(str(e)) from e
 
     outputs: list[StepOutput] = []
-    for out in checked:
+    for out, name in zip(checked, names, strict=True):
         digest = hashlib.sha256()
         size = 0
         try:
-            with open(out.path, "rb") as f:
+            with os.fdopen(_open_checked(out_real, name, f"output {out.index}"), "rb") as f:
                 while chunk := f.read(HASH_CHUNK):
                     digest.update(chunk)
                     size += len(chunk)
@@ -127,6 +90,13 @@ def collect_outputs(out_dir: Path) -> list[StepOutput]:
             StepOutput(index=out.index, data_kind=out.data_kind, file=out.file, size=size, sha256=digest.hexdigest())
         )
     return outputs
+
+
+def _open_checked(out_real: Path, name: str, what: str) -> int:
+    try:
+        return open_regular(out_real, os.path.normpath(name))
+    except UnsafeFile as e:
+        raise StepFailure(f"{what}: {e}; outputs must be regular files created in {OUTPUT_DIR}") from None
 
 
 def _real_out_dir(out_dir: Path) -> Path | None:
@@ -141,21 +111,19 @@ def _real_out_dir(out_dir: Path) -> Path | None:
     return real
 
 
-def resolve_output_path(out_dir: Path, rel: str) -> Path | None:
-    """The file of a recorded output, re-checked at download time (``None`` if no longer valid)."""
+def open_output(out_dir: Path, rel: str) -> int | None:
+    """A descriptor of a recorded output, re-checked at download time (``None`` if no longer a
+    regular, single-link file in the output directory)."""
     out_real = _real_out_dir(out_dir)
     if out_real is None:
         return None
     try:
-        real = (out_real / rel).resolve()
-    except (OSError, RuntimeError):
+        return open_regular(out_real, rel)
+    except UnsafeFile:
         return None
-    if not real.is_relative_to(out_real) or not real.is_file():
-        return None
-    return real
 
 
-# --- steps ------------------------------------------------------------------------------------
+# --- steps ---------------------------------------------------------------------------------
 
 
 class Step:
@@ -167,8 +135,7 @@ class Step:
         self.done = asyncio.Event()  # set when terminal or deleted
         self.deleted = False
         self.task: asyncio.Task | None = None
-        self.pgid: int | None = None
-        self.cancel_requested = False
+        self.proc: asyncio.subprocess.Process | None = None  # the launcher (bwrap or the shim)
         self.expiry: asyncio.TimerHandle | None = None
         if status.terminal:
             self.done.set()
@@ -186,12 +153,16 @@ class StepManager:
         self._slots = asyncio.Semaphore(settings.max_parallel)
         self._lock_fd: int | None = None
         self._background: set[asyncio.Task] = set()
+        #: The agent's own PATH, fixed at start: it finds programs and is the steps' PATH.
         self._path = os.environ.get("PATH", os.defpath)
+        self.policy = CommandPolicy(settings.allow, self._path)
+        self.isolation: Isolation | None = None
 
     # -- lifecycle --
 
     def open(self) -> None:
-        """Create and lock the work directory, clear stale uploads and load persisted steps."""
+        """Create and lock the work directory, decide the isolation, clear stale uploads and load
+        persisted steps (re-queueing those that never started)."""
         try:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             self.steps_dir.mkdir(exist_ok=True)
@@ -209,12 +180,18 @@ class StepManager:
                 ) from e
             raise
         self._lock_fd = fd
+        try:
+            self.isolation = Isolation.detect(self.settings, self.work_dir, self._path)
+        except BaseException:
+            self.close()
+            raise
         for stale in self.tmp_dir.iterdir():
             log.info("removing unfinished upload %s", stale.name)
             remove_tree(stale)
         self._load()
 
     def _load(self) -> None:
+        requeued = 0
         for d in sorted(self.steps_dir.iterdir()):
             step_id = d.name
             if not valid_step_id(step_id) or not d.is_dir() or d.is_symlink():
@@ -228,30 +205,39 @@ class StepManager:
                 log.warning("step %s: unreadable state (%s); removing its sandbox", step_id, e, extra={"step_id": step_id})
                 remove_tree(d)
                 continue
-            if not status.terminal:
-                status.state = "failed"
-                status.error = RESTARTED_ERROR
-                status.finished_at = _now()
-                sdir.write_state(status)
-                log.warning("step %s: marked failed: %s", step_id, RESTARTED_ERROR, extra={"step_id": step_id})
             step = Step(step_id, sdir, manifest, status)
             self.steps[step_id] = step
-            self._schedule_expiry(step)
+            if status.state == "running":
+                self._lose(step, RESTARTED_ERROR)
+            elif status.state == "queued":
+                log.info("step %s: queued before the restart; queued again", step_id, extra={"step_id": step_id})
+                self._start(step)
+                requeued += 1
+            else:
+                self._schedule_expiry(step)
         if self.steps:
-            log.info("loaded %d finished step(s) from %s", len(self.steps), self.steps_dir)
+            log.info("loaded %d step(s) from %s, %d queued again", len(self.steps), self.steps_dir, requeued)
+
+    def _lose(self, step: Step, error: str) -> None:
+        """The attempt ended because of the agent: failed, ``lost``, retryable (see StepStatus.lost)."""
+        step.status.lost = True
+        self._finish(step, "failed", error, retryable=True)
 
     async def shutdown(self) -> None:
-        """Kill every running step's process group and stop all step tasks. Persisted states of
-        steps that were running are left as they are; the next start marks them failed."""
+        """Stop every step: a running one is reported lost (persisted, so a long-poll answers it
+        now and a restarted agent keeps saying so) and its process tree killed; a queued one stays
+        queued on disk and runs after the next start. Call :meth:`close` afterwards."""
+        running = [s for s in self.steps.values() if s.status.state == "running"]
+        for step in running:  # no await before stopping is set: no request sees a half state
+            self._lose(step, STOPPED_ERROR)
         self.stopping.set()
         tasks = []
         for step in list(self.steps.values()):
             if step.expiry is not None:
                 step.expiry.cancel()
             if step.task is not None and not step.task.done():
-                step.cancel_requested = True
-                if _killpg(step.pgid, signal.SIGKILL):
-                    log.info("step %s: killed process group %d (agent stopping)", step.id, step.pgid, extra={"step_id": step.id})
+                if step.proc is not None:
+                    await self._end(step, None, "agent stopping")
                 step.task.cancel()
                 tasks.append(step.task)
         for t in list(self._background):
@@ -259,6 +245,9 @@ class StepManager:
             tasks.append(t)
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        """Release the work directory."""
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -280,17 +269,33 @@ class StepManager:
         return sdir
 
     def accept(self, step_id: str, manifest: StepManifest, staged: StepDir) -> Step:
-        """Move a completely received upload into ``steps/`` and start it."""
+        """Move a completely received upload into ``steps/`` and start it (or refuse it at once)."""
+        assert self.isolation is not None
         final = StepDir(self.steps_dir / step_id)
         status = StepStatus(id=step_id)
         staged.write_manifest(manifest)
         staged.write_state(status)
+        self.isolation.prepare(staged)
         os.rename(staged.root, final.root)
         step = Step(step_id, final, manifest, status)
         self.steps[step_id] = step
         log.info("step %s: accepted: %s", step_id, shlex.join(manifest.command), extra={"step_id": step_id})
-        step.task = asyncio.create_task(self._run(step), name=f"mlynar-agent-step-{step_id}")
+        self._start(step)
         return step
+
+    def _start(self, step: Step) -> None:
+        """Check the command (:mod:`.allow`, and that the sandbox shows the program) and start
+        the step's task; a refused step fails now, before anything runs."""
+        assert self.isolation is not None
+        try:
+            command = self.policy.check(step.manifest.command, step.manifest.env, step.dir.work)
+            if not self.isolation.visible(Path(command.argv[0])):
+                raise Refusal(f"program {command.argv[0]!r} is not visible inside the step's sandbox "
+                              f"(isolation {self.isolation.mode}); the host owner can show it with --read DIR")
+        except Refusal as e:
+            self._finish(step, "failed", str(e), retryable=e.retryable)
+            return
+        step.task = asyncio.create_task(self._run(step, command), name=f"mlynar-agent-step-{step.id}")
 
     # -- deletion and expiry --
 
@@ -299,9 +304,8 @@ class StepManager:
         if step is None:
             return False
         if step.task is not None and not step.task.done():
-            step.cancel_requested = True
-            if _killpg(step.pgid, signal.SIGKILL):
-                log.info("step %s: cancelled, killed process group %d", step_id, step.pgid, extra={"step_id": step_id})
+            if step.proc is not None:
+                await self._end(step, None, "cancelled by DELETE")
             step.task.cancel()
             await asyncio.gather(step.task, return_exceptions=True)
         if step.expiry is not None:
@@ -318,10 +322,7 @@ class StepManager:
         if ttl <= 0 or step.status.finished_at is None:
             return
         remaining = ttl - (_now() - step.status.finished_at).total_seconds()
-        loop = asyncio.get_running_loop() if _has_running_loop() else None
-        if loop is None:
-            return
-        step.expiry = loop.call_later(max(0.0, remaining), self._expire, step.id)
+        step.expiry = asyncio.get_running_loop().call_later(max(0.0, remaining), self._expire, step.id)
 
     def _expire(self, step_id: str) -> None:
         step = self.steps.get(step_id)
@@ -357,93 +358,71 @@ class StepManager:
         if state == "succeeded":
             log.info("step %s: succeeded with %d output(s)", step.id, len(step.status.outputs), extra={"step_id": step.id})
         else:
-            log.info("step %s: %s: %s", step.id, state, error, extra={"step_id": step.id})
+            log.info("step %s: %s: %s", step.id, state, error,
+                     extra={"step_id": step.id, "retryable": retryable, "lost": step.status.lost})
         if not step.deleted:
             self._schedule_expiry(step)
 
-    def _allowed(self, argv: list[str]) -> bool:
-        if not self.settings.allow:
-            return True
-        line = shlex.join(argv)
-        return any(fnmatch.fnmatchcase(line, p) for p in self.settings.allow)
+    async def _end(self, step: Step, grace: float | None, why: str) -> None:
+        assert self.isolation is not None and step.proc is not None
+        log.info("step %s: ending its processes (%s)", step.id, why, extra={"step_id": step.id})
+        await self.isolation.end(step.proc, grace)
 
     def build_env(self, step: Step) -> dict[str, str]:
-        """The step's environment, from scratch: nothing of the agent's own (token included)."""
-        env = {"PATH": self._path, "HOME": str(step.dir.root), "LANG": "C.UTF-8"}
+        """The step's environment, from scratch: nothing of the agent's own (token included). The
+        agent's PATH comes last so no manifest can replace it (the policy refuses one that tries)."""
+        env = {"HOME": str(step.dir.work), "LANG": "C.UTF-8"}
         env.update(step.manifest.env)
         for spec in step.manifest.inputs:
             env[spec.env] = str(step.dir.input_file(spec.name, spec.filename or spec.name))
         env["MLYNAR_OUTPUT_DIR"] = str(step.dir.out)
+        env["PATH"] = self._path
         return env
 
-    async def _run(self, step: Step) -> None:
-        argv = step.manifest.command
+    async def _run(self, step: Step, command: Command) -> None:
         try:
-            if not self._allowed(argv):
-                self._finish(
-                    step,
-                    "failed",
-                    f"command {shlex.join(argv)!r} is not allowed by --allow patterns {self.settings.allow!r}",
-                    retryable=False,  # the same command is refused again
-                )
-                return
             async with self._slots:
-                await self._execute(step)
+                await self._execute(step, command)
         except asyncio.CancelledError:
-            _killpg(step.pgid, signal.SIGKILL)
             if not step.status.terminal and not self.stopping.is_set():
                 self._finish(step, "cancelled", "cancelled by DELETE")
             raise
         except Exception as e:  # never leave a step hanging in running/queued
             log.exception("step %s: internal error", step.id, extra={"step_id": step.id})
-            _killpg(step.pgid, signal.SIGKILL)
             if not step.status.terminal:
                 self._finish(step, "failed", f"agent error: {type(e).__name__}: {e}")
 
-    async def _execute(self, step: Step) -> None:
-        argv = step.manifest.command
+    async def _execute(self, step: Step, command: Command) -> None:
+        assert self.isolation is not None
         step.status.state = "running"
         step.status.started_at = _now()
         self._persist(step)
         env = self.build_env(step)
         with open(step.dir.logs, "ab", buffering=0) as logf:
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    cwd=step.dir.work,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                    preexec_fn=_make_preexec(os.getpid()),
-                )
+                proc = await self.isolation.spawn(step.dir, command.argv, env, logf.fileno())
             except OSError as e:
-                msg = f"cannot start command {shlex.join(argv)!r}: {e.strerror or e}"
+                msg = f"cannot start command {shlex.join(step.manifest.command)!r}: {e.strerror or e}"
                 logf.write((msg + "\n").encode())
                 self._finish(step, "failed", msg)
                 return
-        step.pgid = proc.pid  # start_new_session: the child leads its own group
-        log.info("step %s: running as pid %d: %s", step.id, proc.pid, shlex.join(argv), extra={"step_id": step.id})
+        step.proc = proc
+        log.info("step %s: running as pid %d (%s): %s", step.id, proc.pid, self.isolation.mode, command.checked,
+                 extra={"step_id": step.id})
         timeout = step.manifest.timeout_seconds
         timed_out = False
         try:
             try:
-                rc = await asyncio.wait_for(proc.wait(), timeout)
+                rc = await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
             except asyncio.TimeoutError:
                 timed_out = True
-                log.info("step %s: timed out after %s s; SIGTERM to process group %d", step.id, timeout, step.pgid, extra={"step_id": step.id})
-                _killpg(step.pgid, signal.SIGTERM)
-                try:
-                    rc = await asyncio.wait_for(proc.wait(), self.settings.kill_grace)
-                except asyncio.TimeoutError:
-                    log.info("step %s: still running after %s s grace; SIGKILL", step.id, self.settings.kill_grace, extra={"step_id": step.id})
-                    _killpg(step.pgid, signal.SIGKILL)
-                    rc = await proc.wait()
+                await self._end(step, self.settings.kill_grace, f"timed out after {timeout} s")
+                rc = await proc.wait()
         finally:
-            # Whatever the step left running in its group (background children) dies with it.
-            _killpg(step.pgid, signal.SIGKILL)
+            if proc.returncode is None:  # cancelled or failed while it ran: nothing may outlive it
+                await self.isolation.end(proc, None)
+        if step.status.terminal:  # lost while it ran (the agent is stopping): that is its outcome
+            return
         step.status.exit_code = rc
         if timed_out:
             self._finish(step, "failed", f"timed out after {timeout} s")
@@ -460,11 +439,3 @@ class StepManager:
             self._finish(step, "failed", str(e))
             return
         self._finish(step, "succeeded")
-
-
-def _has_running_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False

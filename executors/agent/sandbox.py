@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .models import StepManifest, StepStatus
 
@@ -76,6 +77,56 @@ class StepDir:
 
     def read_state(self) -> StepStatus:
         return StepStatus.model_validate(json.loads(self.state_file.read_text(encoding="utf-8")))
+
+
+class UnsafeFile(Exception):
+    """A file the agent will not serve; the message says why, for the user."""
+
+
+def open_regular(root: Path, rel: str) -> int:
+    """A read-only descriptor of ``root/rel``, walked one component at a time without following
+    any symlink, and only if it is a regular file with a single link.
+
+    Why: an output (or the logs) must be a file the step created inside its sandbox. A symlink,
+    even one pointing inside, is refused; a hard link (``st_nlink > 1``) may be a second name of a
+    file outside the sandbox (``ln /etc/shadow out/x``), so it is refused as well. Reading
+    through the returned descriptor serves exactly the file that was checked."""
+    parts = PurePosixPath(rel).parts
+    if not parts or PurePosixPath(rel).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise UnsafeFile(f"{rel!r} is not a plain relative path")
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | flags)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            try:
+                nxt = os.open(part, (os.O_RDONLY | os.O_NONBLOCK if last else os.O_RDONLY | os.O_DIRECTORY) | flags,
+                              dir_fd=fd)
+            except OSError as e:
+                st = _lstat_at(part, fd)
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    raise UnsafeFile(f"{rel!r} is (or goes through) a symlink") from None
+                raise UnsafeFile(f"{rel!r} cannot be opened: {e.strerror or e}") from None
+            os.close(fd)
+            fd = nxt
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafeFile(f"{rel!r} is not a regular file")
+        if st.st_nlink != 1:
+            raise UnsafeFile(f"{rel!r} is a hard link (link count {st.st_nlink}): it may be a file from outside "
+                             "the sandbox; write a new file instead")
+        out, fd = fd, -1
+        return out
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _lstat_at(name: str, dir_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return None
 
 
 def atomic_write_json(path: Path, data: object) -> None:
