@@ -159,8 +159,10 @@ class Projector:
             return False
 
 
-async def rebuild(store: EventStore, path: Path, progress: Callable[[int, int], None] | None = None) -> int:
-    """Build the views from sequence 1 into a fresh file at ``path`` (replaced atomically).
+async def rebuild(store: EventStore, path: Path, progress: Callable[[int, int], None] | None = None,
+                  until: int | None = None) -> int:
+    """Build the views from sequence 1 into a fresh file at ``path`` (replaced atomically), up
+    to the stream's head or to ``until`` (the audit replays exactly as far as the live views).
 
     Batches are applied right on the event loop thread over a plain ``sqlite3`` connection: a
     rebuild serves nobody meanwhile (the service is stopped), and without a second thread there
@@ -177,7 +179,7 @@ async def rebuild(store: EventStore, path: Path, progress: Callable[[int, int], 
         async def commit(batch: list[StoredEvent], last_seq: int) -> None:
             apply_batch(conn, batch, last_seq)
 
-        head = await store.last_seq()
+        head = await store.last_seq() if until is None else until
         if head:
             sub = await store.subscribe(subject_filters(Projector.CONSUMES), 1)
             try:
