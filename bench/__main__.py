@@ -16,7 +16,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import api, append, e2e, replay, scheduling, solver_scaling
+from . import api, append, e2e, events, replay, scheduling, solver_scaling
 from .common import FULL, SMOKE, Result, Sizes, cores, say
 
 BENCHMARKS = {
@@ -26,6 +26,7 @@ BENCHMARKS = {
     "solver": solver_scaling.bench,
     "e2e": e2e.bench,
     "api": api.bench,
+    "events": events.bench,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 

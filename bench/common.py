@@ -68,16 +68,18 @@ class Sizes:
     api_runs: int
     api_clients: int
     api_requests: int
+    sse_clients: int
+    sse_events: int
 
 
 FULL = Sizes(smoke=False, append_events=20_000, append_concurrency=32, replay_events=200_000,
              sched_single=300, sched_runs=100, sched_rounds=10, solver_pools=(100, 1_000, 10_000),
              solver_new_units=500, e2e_steps=1_000, e2e_max_parallel=16, api_runs=1_000, api_clients=50,
-             api_requests=10_000)
+             api_requests=10_000, sse_clients=200, sse_events=200)
 SMOKE = Sizes(smoke=True, append_events=1_000, append_concurrency=32, replay_events=2_000,
               sched_single=20, sched_runs=100, sched_rounds=1, solver_pools=(100, 1_000, 10_000),
               solver_new_units=50, e2e_steps=20, e2e_max_parallel=16, api_runs=20, api_clients=50,
-              api_requests=500)
+              api_requests=500, sse_clients=10, sse_events=20)
 
 
 def cores() -> int:
