@@ -24,7 +24,8 @@ from .events import MachineRegistered, MachineUpdated, key_filter
 from .nats_server import EmbeddedNats
 from .secrets import SecretStore, machine_token_key, secret_ref
 from .solver import Solver
-from .specs import load_documents
+from .errors import CommandError
+from .specs import SpecError, load_documents
 from .store import EventStore
 from .roles import Role, closing, hosted
 
@@ -94,13 +95,22 @@ class Service:
         self._stack.push_async_callback(closing(close))
 
     async def _declare_registry(self, store: EventStore, paths: list[Path]) -> None:
-        docs = load_documents(paths)
-        # kinds first: operators are checked against them
+        """Declare the ``--registry`` files; a document that cannot be declared (invalid, or an
+        operator whose kinds no file and no earlier declaration gives) stops the start with
+        one clear line (exit 2), never a traceback."""
+        try:
+            docs = load_documents(paths)
+        except SpecError as exc:
+            raise ConfigError(f"--registry: {exc}") from None
+        # kinds first (of all files): operators are checked against them
         docs.sort(key=lambda d: d.kind != "DataKind")
         reg = await registry_commands.load_registry(store)
         changed = 0
         for doc in docs:
-            seq, reg = await registry_commands.declare(store, doc, actor="registry-file", registry=reg)
+            try:
+                seq, reg = await registry_commands.declare(store, doc, actor="registry-file", registry=reg)
+            except CommandError as exc:
+                raise ConfigError(f"--registry: {doc.kind} {doc.metadata.name}: {exc.message}") from None
             changed += seq is not None
         log.info("registry files loaded", extra={"documents": len(docs), "changed": changed})
 

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Annotated, Any, Iterable
@@ -13,9 +14,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .names import check_dns1123_label
 
+log = logging.getLogger("mlynar.specs")
+
 Name = Annotated[str, AfterValidator(check_dns1123_label)]
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 API_VERSION = "mlynar.dev/v1alpha1"
+API_GROUP = API_VERSION.split("/", 1)[0]
 
 
 def _env_name(name: str) -> str:
@@ -137,16 +141,39 @@ def parse_document(doc: Any, expect: str | None = None) -> DataKindDocument | Op
         raise SpecError(f"invalid {kind}", validation_detail(exc)) from None
 
 
-def load_documents(paths: Iterable[Path]) -> list[DataKindDocument | OperatorDocument]:
-    """All DataKind/Operator documents from files and directories (``*.yaml``/``*.yml``, sorted)."""
+def is_registry_document(raw: Any) -> bool:
+    """A DataKind or Operator of our API group (any version: a wrong version is then a clear
+    error). Anything else in a folder of YAML (a Helm values file, a Deployment) is foreign."""
+    return (isinstance(raw, dict) and raw.get("kind") in {"DataKind", "Operator"}
+            and str(raw.get("apiVersion", API_VERSION)).split("/", 1)[0] == API_GROUP)
+
+
+def load_documents(paths: Iterable[Path], skipped: list[str] | None = None) -> list[DataKindDocument | OperatorDocument]:
+    """All DataKind/Operator documents from files and directories (``*.yaml``/``*.yml``, sorted).
+
+    Foreign documents are skipped with one log line each (and listed in ``skipped`` when given):
+    a folder such as the original Mlynar's ``examples/`` also holds other Kubernetes YAML. A file
+    that is not YAML, or a registry document that is invalid, is a :class:`SpecError` naming it."""
     docs: list[DataKindDocument | OperatorDocument] = []
     for path in paths:
         files = sorted(p for p in path.rglob("*") if p.suffix in {".yaml", ".yml"}) if path.is_dir() else [path]
         for file in files:
-            for raw in yaml.safe_load_all(file.read_text()):
+            try:
+                raws = list(yaml.safe_load_all(file.read_text()))
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+                raise SpecError(f"{file}: not readable as YAML: {str(exc).splitlines()[0]}") from None
+            for n, raw in enumerate(raws):
                 if raw is None:
                     continue
-                _resolve_relative_command(raw, file.parent)
+                if not is_registry_document(raw):
+                    what = f"{raw.get('kind')} {raw.get('apiVersion')}" if isinstance(raw, dict) and raw.get("kind") \
+                        else "not a Kubernetes document"
+                    note = f"{file} (document {n + 1}): skipped, {what}"
+                    log.info("registry file: %s", note, extra={"file": str(file)})
+                    if skipped is not None:
+                        skipped.append(note)
+                    continue
+                resolve_relative_command(raw, file.parent)
                 try:
                     docs.append(parse_document(raw))
                 except SpecError as exc:
@@ -154,7 +181,7 @@ def load_documents(paths: Iterable[Path]) -> list[DataKindDocument | OperatorDoc
     return docs
 
 
-def _resolve_relative_command(raw: Any, base: Path) -> None:
+def resolve_relative_command(raw: Any, base: Path) -> None:
     """In a file, ``spec.command`` arguments starting with ``./`` name files beside it."""
     spec = raw.get("spec") if isinstance(raw, dict) else None
     command = spec.get("command") if isinstance(spec, dict) else None
