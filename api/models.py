@@ -78,6 +78,8 @@ class StepCounts(Model):
 
 class RunOut(Model):
     id: str
+    id_: str = Field(alias="_id", description="the same as id (the original Mlynar's CouchDB field)")
+    rev: str = Field(alias="_rev", description="changes whenever the run does (its version, as text)")
     status: str
     steps: list[StepOut]
     dataPool: list[DataUnitOut]
@@ -87,6 +89,9 @@ class RunOut(Model):
     terminationReason: str | None = None
     createdAt: str
     updatedAt: str
+    startTime: str | None = Field(None, description="when the run was started (POST /run)")
+    endTime: str | None = Field(None, description="when it became complete or terminated")
+    durationMs: int | None = Field(None, description="endTime - startTime")
     version: int
 
 

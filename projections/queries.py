@@ -129,6 +129,8 @@ async def dump(db: aiosqlite.Connection, tables: tuple[str, ...]) -> dict[str, l
 RUN_BODY_SQL = f"""
 SELECT json_object(
     'id', r.id,
+    '_id', r.id,
+    '_rev', r.version || '-mlynar',
     'status', r.status,
     'steps', (SELECT json_group_array(json_object(
             'id', s.id,
@@ -177,6 +179,10 @@ SELECT json_object(
     'terminationReason', r.termination_reason,
     'createdAt', r.created_at,
     'updatedAt', r.updated_at,
+    'startTime', r.started_at,
+    'endTime', CASE WHEN r.status IN ('complete', 'terminated') THEN r.updated_at END,
+    'durationMs', CASE WHEN r.status IN ('complete', 'terminated') AND r.started_at IS NOT NULL
+        THEN CAST(ROUND((julianday(r.updated_at) - julianday(r.started_at)) * 86400000) AS INTEGER) END,
     'version', r.version)
 FROM runs AS r WHERE r.id = :id
 """
@@ -186,7 +192,13 @@ Python instead (three queries, ``json.loads`` of the stored lists, dicts, ``json
 3-4 times as long, and this is the hottest read. Parameter defaults come from the operator's
 current declaration (the last ``configurableEnv`` entry of that name, like a dict would keep);
 SQLite keeps a FROM-subquery's ORDER BY for an order-sensitive aggregate like
-``json_group_array``."""
+``json_group_array``.
+
+``_id``, ``_rev``, ``startTime``, ``endTime`` and ``durationMs`` are what clients of the original
+Mlynar's current version (a CouchDB document) read: ``_id`` is ``id``, ``_rev`` is the run's
+version (the stream sequence of its last event) with a suffix, ``startTime`` when the run was
+started (``POST /run``), ``endTime`` the time of its last event once it is complete or
+terminated (nothing follows those but a new upload, which makes it running again)."""
 
 
 async def run_body(db: aiosqlite.Connection, run_id: str, base: str) -> str | None:

@@ -37,7 +37,8 @@ def _unit_added(b: Batch, e: DataUnitAdded, seq: int, at: str) -> None:
 
 @handles(RunStarted)
 def _run_started(b: Batch, e: RunStarted, seq: int, at: str) -> None:
-    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunStarted], param_pool=json.dumps(e.param_pool), max_parallel=e.max_parallel)
+    b.touch(e.run_id, seq, at, status=RUN_STATUS_AFTER[RunStarted], param_pool=json.dumps(e.param_pool),
+            max_parallel=e.max_parallel, started_at=at)
 
 
 @handles(StepScheduled)

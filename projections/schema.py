@@ -1,7 +1,7 @@
 """The read views' SQLite schema. Bump ``SCHEMA_VERSION`` when it changes: a database of another
 version is rebuilt from the stream (projections are disposable, the stream is the truth)."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 3
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS runs (
     steps_succeeded INTEGER NOT NULL DEFAULT 0,
     steps_failed INTEGER NOT NULL DEFAULT 0,
     steps_cancelled INTEGER NOT NULL DEFAULT 0,
+    started_at TEXT,
     version INTEGER NOT NULL,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
