@@ -3,25 +3,84 @@
 Appends are idempotent (``Nats-Msg-Id``) and optionally conditional on a run's version (the stream
 sequence of the run's last event, checked by JetStream over ``mlynar.run.<id>.>``). Reads return
 :class:`StoredEvent` with the stream sequence as the global position.
+
+**Transient errors are handled here, where they occur.** A clustered stream answers during normal
+operation with "no responders" or 503 (no leader yet, a leader change), times out, or says that a
+message with the same id is being stored by someone else right now (10158). Each call is retried
+with a bounded, jittered backoff for at most ``retry_for`` seconds; the callers only ever see a
+result, a :class:`ConcurrencyConflict`, or (after that time) the last error.
+
+**Reads need no consumer.** :meth:`EventStore.read` asks the stream's leader for its head, then
+fetches ``[from_seq, head]`` with batched direct gets (``$JS.API.DIRECT.GET``) carrying
+``min_last_seq=head``, so a replica that has not applied the head yet refuses (412) rather than
+answering stale. Creating a consumer per read (what this used to do) goes through the meta leader
+and is what answered 503 on a cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
+import random
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from .events import STREAM, SUBJECT_PREFIX, Envelope, Event, StoredEvent, UnknownEventType, key_filter
 
 log = logging.getLogger("mlynar.store")
 
 WRONG_LAST_SEQUENCE = 10071  # JSStreamWrongLastSequenceErrF
+DUPLICATE_IN_PROCESS = 10158  # JSStreamDuplicateMessageConflict: the same msg id is being stored now
+TRANSIENT_STATUS = {408, 412, 503}  # timeout, replica behind min_last_seq, no leader / no responders
+DIRECT_BATCH = 1000
+
+T = TypeVar("T")
+
+
+class TransientError(Exception):
+    """JetStream could not answer now (no leader, a replica behind); retried by :func:`retrying`."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors a healthy cluster returns during normal operation (leader change, a node restarting,
+    a message id in flight elsewhere); everything else is a real answer."""
+    if isinstance(exc, (TransientError, NoStreamResponseError, ServiceUnavailableError, nats.errors.NoRespondersError,
+                        nats.errors.TimeoutError, asyncio.TimeoutError,
+                        nats.errors.ConnectionReconnectingError)):
+        return True
+    if isinstance(exc, APIError):
+        return exc.err_code == DUPLICATE_IN_PROCESS or exc.code in TRANSIENT_STATUS
+    return False
+
+
+async def retrying(call: Callable[[], Awaitable[T]], what: str, retry_for: float) -> T:
+    """``call()`` until it answers, retrying transient errors with a capped, jittered backoff for at
+    most ``retry_for`` seconds (then the last error is raised)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + retry_for
+    n = 0
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            n += 1
+            delay = min(0.05 * 2**n, 2.0) * (0.5 + random.random())
+            if loop.time() + delay > deadline:
+                raise
+            log.log(logging.INFO if n == 1 else logging.WARNING, "transient JetStream error; retrying",
+                    extra={"call": what, "error": f"{type(exc).__name__}: {exc}", "retry_in": round(delay, 3)})
+            await asyncio.sleep(delay)
 
 
 class ConcurrencyConflict(Exception):
@@ -50,21 +109,34 @@ def aggregate_filter(event: Event) -> str:
 def decode(msg: nats.aio.msg.Msg) -> StoredEvent | None:
     """A message of the stream as an event; ``None`` (logged) for a type this build doesn't know,
     so an older replica reading a newer history skips rather than crashes."""
-    env = Envelope.model_validate_json(msg.data)
+    return _decode(msg.metadata.sequence.stream, msg.subject, msg.data)
+
+
+def _decode_direct(msg: Msg) -> StoredEvent | None:
+    """A direct get's answer: the stored message with its subject and sequence in headers."""
+    headers = msg.headers or {}
+    return _decode(int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data)
+
+
+def _decode(seq: int, subject: str, data: bytes) -> StoredEvent | None:
+    env = Envelope.model_validate_json(data)
     try:
         event = env.event()
     except UnknownEventType:
-        log.warning("skipping event of unknown type", extra={"type": env.type, "subject": msg.subject})
+        log.warning("skipping event of unknown type", extra={"type": env.type, "subject": subject})
         return None
-    return StoredEvent(seq=msg.metadata.sequence.stream, subject=msg.subject, envelope=env, event=event)
+    return StoredEvent(seq=seq, subject=subject, envelope=env, event=event)
 
 
 class EventStore:
-    def __init__(self, nc: NATS, *, duplicate_window: float = 120.0, replicas: int = 1) -> None:
+    def __init__(self, nc: NATS, *, duplicate_window: float = 120.0, replicas: int = 1,
+                 retry_for: float = 30.0, timeout: float = 5.0) -> None:
         self.nc = nc
-        self.js: JetStreamContext = nc.jetstream(timeout=10.0)
+        self.js: JetStreamContext = nc.jetstream(timeout=timeout)
         self.duplicate_window = duplicate_window
         self.replicas = replicas
+        self.retry_for = retry_for  # how long a call retries transient errors before raising
+        self.timeout = timeout  # one request's wait for JetStream's answer
 
     @classmethod
     async def connect(cls, url: "str | NatsOptions", *, name: str = "mlynar", **kwargs: object) -> "EventStore":
@@ -96,15 +168,15 @@ class EventStore:
         """Create the stream, or bring an existing one's settings up to date (idempotent)."""
         config = self.stream_config()
         try:
-            info = await self.js.stream_info(STREAM)
+            info = await retrying(lambda: self.js.stream_info(STREAM), "stream info", self.retry_for)
         except NotFoundError:
             try:
-                await self.js.add_stream(config)
+                await retrying(lambda: self.js.add_stream(config), "add stream", self.retry_for)
                 return
             except APIError as exc:  # another replica created it meanwhile
                 if exc.err_code != 10058:
                     raise
-                info = await self.js.stream_info(STREAM)
+                info = await retrying(lambda: self.js.stream_info(STREAM), "stream info", self.retry_for)
         current = info.config
         if (current.duplicate_window, current.subjects, current.allow_direct) != (
             config.duplicate_window, config.subjects, config.allow_direct
@@ -134,8 +206,13 @@ class EventStore:
         if expected_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_seq)
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = aggregate_filter(event)
+        data = env.to_bytes()
         try:
-            ack = await self.js.publish(subject, env.to_bytes(), headers=headers)
+            # A retry carries the same Nats-Msg-Id, so one that follows a lost answer (a timeout)
+            # or another appender of the same fact (10158, in process elsewhere) is answered with
+            # the stored message's sequence as a duplicate: the other appender won.
+            ack = await retrying(lambda: self.js.publish(subject, data, headers=headers),
+                                 f"append {subject}", self.retry_for)
         except APIError as exc:
             if exc.err_code == WRONG_LAST_SEQUENCE:
                 raise ConcurrencyConflict(subject, expected_seq or 0, exc.description or "") from None
@@ -145,39 +222,58 @@ class EventStore:
     # ---- reading ----------------------------------------------------------------------------
 
     async def last_seq(self) -> int:
-        info = await self.js.stream_info(STREAM)
+        """The stream's head as its leader knows it (every acknowledged append is at or below)."""
+        info = await retrying(lambda: self.js.stream_info(STREAM), "stream info", self.retry_for)
         return info.state.last_seq
 
-    async def read(self, subject_filter: str, from_seq: int = 1, batch: int = 1000) -> list[StoredEvent]:
-        """Every event on ``subject_filter`` from ``from_seq`` up to the stream's head now."""
-        config = js_api.ConsumerConfig(
-            ack_policy=js_api.AckPolicy.NONE,
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=max(1, from_seq),
-            filter_subject=subject_filter,
-            mem_storage=True,
-            inactive_threshold=30.0,
-            num_replicas=1,
-        )
-        info = await self.js.add_consumer(STREAM, config)
-        remaining = info.num_pending or 0
+    async def read(self, subject_filter: str, from_seq: int = 1, batch: int = DIRECT_BATCH) -> list[StoredEvent]:
+        """Every event on ``subject_filter`` from ``from_seq`` up to the stream's head now: every
+        append acknowledged before the call is in the answer (read-your-writes), whichever
+        replica answers."""
+        head = await self.last_seq()
         out: list[StoredEvent] = []
-        try:
-            if remaining:
-                psub = await self.js.pull_subscribe_bind(consumer=info.name, stream=STREAM)
-                try:
-                    while remaining > 0:
-                        msgs = await psub.fetch(batch=min(batch, remaining), timeout=10.0)
-                        remaining -= len(msgs)
-                        out.extend(e for e in map(decode, msgs) if e is not None)
-                finally:
-                    await psub.unsubscribe()
-        finally:
-            try:
-                await self.js.delete_consumer(STREAM, info.name)
-            except (NotFoundError, APIError):
-                pass
+        seq = max(1, from_seq)
+        while seq <= head:
+            got, last, more = await retrying(lambda: self._direct_batch(subject_filter, seq, head, batch),
+                                             f"read {subject_filter}", self.retry_for)
+            out.extend(e for e in got if e is not None)
+            if not more or last < seq:
+                break
+            seq = last + 1
         return out
+
+    async def _direct_batch(self, subject_filter: str, seq: int, head: int,
+                            batch: int) -> tuple[list[StoredEvent | None], int, bool]:
+        """One batched direct get of ``subject_filter`` in ``[seq, head]``: (events, the last
+        sequence answered, whether more are left). A replica that has not applied ``head``
+        answers 412 (retried: never a stale answer)."""
+        request = {"seq": seq, "next_by_subj": subject_filter, "batch": batch,
+                   "min_last_seq": head, "up_to_seq": head}
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        out: list[StoredEvent | None] = []
+        last = seq - 1
+        try:
+            await self.nc.publish(f"$JS.API.DIRECT.GET.{STREAM}", json.dumps(request).encode(), reply=inbox)
+            while True:
+                msg = await sub.next_msg(timeout=self.timeout)
+                headers = msg.headers or {}
+                status = headers.get("Status")
+                if status == "204":  # end of batch
+                    return out, last, int(headers.get("Nats-Num-Pending", "0")) > 0
+                if status == "404":  # nothing (more) on the filter
+                    return out, last, False
+                if status:
+                    description = (msg.headers or {}).get("Description", "")
+                    if int(status) in TRANSIENT_STATUS:
+                        raise TransientError(f"direct get {subject_filter} from {seq}: {status} {description}")
+                    raise APIError(code=int(status), description=description)
+                last = int(headers["Nats-Sequence"])
+                out.append(_decode_direct(msg))
+        except nats.errors.TimeoutError:
+            raise TransientError(f"direct get {subject_filter} from {seq}: no answer within {self.timeout:g} s") from None
+        finally:
+            await sub.unsubscribe()
 
     async def load_run(self, run_id: str, from_seq: int = 1) -> tuple[list[StoredEvent], int]:
         """A run's history and its version (0 when it has none)."""
@@ -197,14 +293,14 @@ class EventStore:
             filter_subjects=filters if len(filters) > 1 else None,
             mem_storage=True,
         )
-        sub = await self.js.subscribe(
+        sub = await retrying(lambda: self.js.subscribe(
             filters[0] if len(filters) == 1 else "",
             ordered_consumer=True,
             config=config,
             stream=STREAM,
             pending_msgs_limit=-1,
             pending_bytes_limit=-1,
-        )
+        ), f"subscribe {filters}", self.retry_for)
         return Subscription(sub, start_head)
 
 

@@ -1,0 +1,156 @@
+"""Fixtures of the fault suite: a real three-node nats-server cluster on loopback (JetStream, the
+``MLYNAR`` stream at R3) that a test can SIGKILL and restart node by node, and event stores
+connected to it. Reusable by any fault scenario: ``cluster`` for the servers, ``cluster_store``
+for a connected store (stream created at R3)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Awaitable, Callable
+
+import nats
+import pytest
+
+from mlynar_events.nats_server import free_port, nats_server_binary
+from mlynar_events.store import EventStore
+from support import wait_until
+
+
+@dataclass
+class Node:
+    name: str
+    port: int
+    cluster_port: int
+    store_dir: Path
+    config: Path
+    log: Path
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class NatsCluster:
+    """Three nats-server processes clustered on loopback. ``kill`` is a SIGKILL (no goodbye to the
+    peers); ``start`` brings a node back on the same ports and store directory."""
+
+    def __init__(self, root: Path, size: int = 3) -> None:
+        self.nodes: list[Node] = []
+        ports = [(free_port(), free_port()) for _ in range(size)]
+        for i, (port, cport) in enumerate(ports):
+            name = f"n{i + 1}"
+            routes = ", ".join(f"nats-route://127.0.0.1:{c}" for j, (_, c) in enumerate(ports) if j != i)
+            node_dir = root / name
+            node_dir.mkdir(parents=True)
+            config = node_dir / "server.conf"
+            config.write_text(f"""
+server_name: {name}
+listen: 127.0.0.1:{port}
+jetstream {{ store_dir: "{node_dir / 'js'}" }}
+cluster {{
+  name: mlynar-faults
+  listen: 127.0.0.1:{cport}
+  routes: [{routes}]
+}}
+""")
+            self.nodes.append(Node(name, port, cport, node_dir / "js", config, node_dir / "server.log"))
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+    def start(self, node: Node) -> None:
+        with open(node.log, "ab") as log:
+            node.proc = subprocess.Popen([nats_server_binary(), "-c", str(node.config)],
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+
+    def kill(self, node: Node) -> None:
+        if node.alive:
+            node.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+            node.proc.wait(10)  # type: ignore[union-attr]
+
+    def stop_all(self) -> None:
+        for node in self.nodes:
+            if node.alive:
+                node.proc.terminate()  # type: ignore[union-attr]
+        for node in self.nodes:
+            if node.proc is not None:
+                try:
+                    node.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    node.proc.kill()
+                    node.proc.wait()
+
+    async def connect(self, **kwargs: object) -> nats.NATS:
+        return await nats.connect(servers=self.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+                                  **kwargs)  # type: ignore[arg-type]
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Every node listens and JetStream has a meta leader (an account info answers)."""
+        nc = await self.connect()
+        try:
+            async def ready() -> bool:
+                try:
+                    await nc.jetstream(timeout=1.0).account_info()
+                    return True
+                except Exception:  # noqa: BLE001 - not ready yet: no meta leader
+                    return False
+
+            await wait_until(ready, timeout, interval=0.1, what="the JetStream cluster to elect a meta leader")
+        finally:
+            await nc.close()
+
+    async def stream_leader(self, store: EventStore) -> Node:
+        from mlynar_events.events import STREAM
+
+        info = await store.js.stream_info(STREAM)
+        assert info.cluster is not None and info.cluster.leader, info
+        return self.node(info.cluster.leader)
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
+    c = NatsCluster(tmp_path / "cluster")
+    for node in c.nodes:
+        c.start(node)
+    try:
+        await c.wait_ready()
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+async def cluster_stores(cluster: NatsCluster) -> AsyncIterator[Callable[..., Awaitable[EventStore]]]:
+    """Open event stores on the cluster (each its own connection; the stream at R3); all closed at
+    teardown."""
+    opened: list[EventStore] = []
+
+    async def open_store(**kwargs: object) -> EventStore:
+        store = EventStore(await cluster.connect(), replicas=3, **kwargs)  # type: ignore[arg-type]
+        await store.ensure_stream()
+        opened.append(store)
+        return store
+
+    try:
+        yield open_store
+    finally:
+        for store in opened:
+            await store.close()
+
+
+@pytest.fixture
+async def cluster_store(cluster_stores: Callable[..., Awaitable[EventStore]]) -> EventStore:
+    return await cluster_stores()
