@@ -135,6 +135,10 @@ class MachineCheck(Model):
 
 
 class DataKindOut(Model):
+    """The original Mlynar's list entry (``name``, ``displayName``) and the whole document."""
+
+    name: str
+    displayName: str | None = None
     apiVersion: str = "mlynar.dev/v1alpha1"
     kind: str = "DataKind"
     metadata: dict[str, Any]
@@ -142,6 +146,11 @@ class DataKindOut(Model):
 
 
 class OperatorOut(Model):
+    """The original Mlynar's list entry (``name`` and the spec's fields at the top level) and
+    the whole document."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    name: str
     apiVersion: str = "mlynar.dev/v1alpha1"
     kind: str = "Operator"
     metadata: dict[str, Any]

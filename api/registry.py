@@ -1,4 +1,8 @@
-"""Data kind and operator routes: Mlynar's CRD documents as JSON, declared as events."""
+"""Data kind and operator routes: Mlynar's CRD documents as JSON, declared as events.
+
+Lists answer a superset of the original Mlynar's: its top-level fields (``name``,
+``displayName`` for kinds; ``name`` and the spec's fields for operators) beside the whole
+document (``apiVersion``, ``kind``, ``metadata``, ``spec``) and our ``revision``."""
 
 from __future__ import annotations
 
@@ -20,14 +24,16 @@ ACTOR = "api"
 async def list_data_kinds(request: web.Request) -> web.Response:
     rows = await queries.data_kinds(ctx(request).db)
     return web.json_response([
-        DataKindOut(metadata={"name": r["name"]}, spec=r["spec"]).model_dump(mode="json") for r in rows
+        DataKindOut(name=r["name"], displayName=r["spec"].get("displayName"), metadata={"name": r["name"]},
+                    spec=r["spec"]).model_dump(mode="json") for r in rows
     ])
 
 
 async def list_operators(request: web.Request) -> web.Response:
     rows = await queries.operators(ctx(request).db)
     return web.json_response([
-        OperatorOut(metadata={"name": r["name"]}, spec=r["spec"], revision=r["revision"]).model_dump(mode="json")
+        OperatorOut(**{k: v for k, v in r["spec"].items() if k not in OperatorOut.model_fields}, name=r["name"],
+                    metadata={"name": r["name"]}, spec=r["spec"], revision=r["revision"]).model_dump(mode="json")
         for r in rows
     ])
 

@@ -124,6 +124,7 @@ async def params(request: web.Request) -> web.Response:
     out = {
         op: [{"name": e.name, "defaultValue": e.defaultValue} for e in registry.operators[op][0].configurableEnv]
         for op in registry.reachable_operators(kinds)
+        if registry.operators[op][0].configurableEnv  # as the original: operators without parameters are left out
     }
     return web.json_response(out)
 
@@ -167,10 +168,10 @@ async def delete_run(request: web.Request) -> web.Response:
 
 async def unit_data(request: web.Request) -> web.StreamResponse:
     c = ctx(request)
-    run_id, unit_id = request.match_info["run_id"], request.match_info["unit_id"]
+    run_id, unit_id = request.match_info.get("run_id"), request.match_info["unit_id"]
     unit = await queries.get_unit(c.db, run_id, unit_id)
     if unit is None:
-        raise NotFound(f"data unit {unit_id!r} of run {run_id!r} does not exist")
+        raise NotFound(f"data unit {unit_id!r}" + (f" of run {run_id!r}" if run_id else "") + " does not exist")
     return await blob_response(c, unit["blob"], unit["filename"])
 
 

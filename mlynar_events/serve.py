@@ -30,6 +30,9 @@ from .store import EventStore
 from .roles import Role, closing, hosted
 
 log = logging.getLogger("mlynar.serve")
+CATCH_UP_TIMEOUT = 60.0
+"""Seconds the API waits at start for its projection to reach the stream's head (then it serves
+anyway, with a warning: a huge backlog must not keep the service down)."""
 LOCAL_MACHINE = "local"
 
 
@@ -143,6 +146,11 @@ class Service:
         await self._host("projector", projector)
         if not serve_http:
             return
+        # Serve only views that include everything appended before the start (the registry files
+        # just declared, every run): a first GET must not see an empty or older state.
+        head = await store.last_seq()
+        if not await projector.wait_for(head, CATCH_UP_TIMEOUT):
+            log.warning("serving before the projection caught up", extra={"head": head, "position": projector.position})
         token = s.api_token_file.read_text().strip() if s.api_token_file else None
         app = create_app(ApiContext(store=store, blobs=blobs, secrets=secrets, db=db, projector=projector,
                                     settings=s, api_token=token))

@@ -72,8 +72,12 @@ async def list_runs(db: aiosqlite.Connection, limit: int = 100, offset: int = 0)
     return [dict(r) for r in rows]
 
 
-async def get_unit(db: aiosqlite.Connection, run_id: str, unit_id: str) -> dict[str, Any] | None:
-    row = await _one(db, "SELECT * FROM data_units WHERE run_id = ? AND id = ?", (run_id, unit_id))
+async def get_unit(db: aiosqlite.Connection, run_id: str | None, unit_id: str) -> dict[str, Any] | None:
+    """A unit of a run, or (``run_id`` None) by its id alone: unit ids are UUIDs, unique overall."""
+    if run_id is None:
+        row = await _one(db, "SELECT * FROM data_units WHERE id = ?", (unit_id,))
+    else:
+        row = await _one(db, "SELECT * FROM data_units WHERE run_id = ? AND id = ?", (run_id, unit_id))
     return unit_row(row) if row else None
 
 
