@@ -1,4 +1,7 @@
-"""The aiohttp application: middlewares, routes, shared state. Nothing here runs a role."""
+"""The aiohttp application: middlewares, routes, shared state. Nothing here runs a role.
+
+Middlewares, outermost first: errors (every failure becomes a JSON 4xx), the door (same-origin
+only, ``api/door.py``), auth (the route's credential, ``api/auth.py``)."""
 
 from __future__ import annotations
 
@@ -6,14 +9,16 @@ from aiohttp import web
 
 from .auth import auth_middleware
 from .context import CTX, ApiContext
+from .door import DOOR, Door, door_middleware
 from .errors import errors_middleware
 from .routes import add_routes
 
 
 def create_app(context: ApiContext) -> web.Application:
     # uploads are streamed with their own limit; client_max_size only bounds bodies read whole
-    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+    app = web.Application(middlewares=[errors_middleware, door_middleware, auth_middleware],
                           client_max_size=context.settings.max_json_bytes)
     app[CTX] = context
+    app[DOOR] = Door.of(context.settings)
     add_routes(app)
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,10 @@ async def errors_middleware(request: web.Request, handler):  # type: ignore[no-u
     try:
         return await handler(request)
     except CommandError as exc:
-        return error(exc.status, exc.message, exc.detail)
+        response = error(exc.status, exc.message, exc.detail)
+        if exc.status == 408:  # the client is too slow to wait for the rest of its body
+            response.force_close()
+        return response
     except SpecError as exc:
         return error(400, str(exc), exc.detail)
     except ValidationError as exc:
@@ -45,29 +49,110 @@ async def errors_middleware(request: web.Request, handler):  # type: ignore[no-u
         if exc.content_type == "application/json":
             raise
         return error(exc.status, exc.reason, None)
+    except ConnectionError:
+        if request.transport is not None and not request.transport.is_closing():
+            log.exception("unhandled error", extra={"method": request.method, "path": request.path})
+            return error(500, "internal error", None)
+        # the client went away mid-request (aiohttp raises ConnectionResetError from its body
+        # reads): not our error. The answer goes nowhere; aiohttp drops it and the connection
+        # quietly (re-raising would make aiohttp log a 500 with a traceback)
+        log.info("client disconnected", extra={"method": request.method, "path": request.path})
+        return error(400, "the client disconnected before its request was complete", None)
     except Exception:
         log.exception("unhandled error", extra={"method": request.method, "path": request.path})
         return error(500, "internal error", None)
 
 
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects a JSON body may have (Mlynar's documents need about 6)."""
+
+
+def _is_json_type(content_type: str) -> bool:
+    return content_type == "application/json" or (content_type.startswith("application/")
+                                                    and content_type.endswith("+json"))
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def check_json_value(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """400 unless ``value`` nests at most ``max_depth`` deep and all its text is encodable
+    (a lone surrogate such as ``"\\ud800"`` parses but cannot be stored as UTF-8).
+    Iterative, so no input can exhaust the stack here."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise BadRequest("the JSON body contains text that is not valid Unicode (a lone surrogate)",
+                                 {"text": item[max(exc.start - 8, 0):exc.end + 8]}) from None
+        elif isinstance(item, (dict, list)):
+            if depth > max_depth:
+                raise BadRequest(f"the JSON body is nested deeper than {max_depth} levels")
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
 async def json_body(request: web.Request, *, required: bool = True) -> Any:
-    """The request's JSON, with 413/400 that say what was wrong."""
+    """The request's JSON, or a 4xx that says what was wrong, before anything is written.
+
+    The one reader of JSON bodies: the whole body up to ``--max-json-bytes`` whatever the
+    transfer encoding (413 above it, chunked or not), on the body clock (408 when it trickles);
+    a JSON content type when there is a body (403 otherwise: that is what a cross-site page can
+    send, see ``api/door.py``); syntax, depth and Unicode checked (400)."""
+    from .body import BodyClock
     from .context import ctx
 
-    limit = ctx(request).settings.max_json_bytes
+    settings = ctx(request).settings
+    limit = settings.max_json_bytes
     if request.content_length is not None and request.content_length > limit:
         raise CommandTooLarge(limit)
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise CommandTooLarge(limit)
+    if request.body_exists and not _is_json_type(request.content_type):
+        raise Forbidden(f"a JSON body needs Content-Type application/json, not {request.content_type!r}",
+                        {"contentType": request.content_type})
+    clock = BodyClock(request, settings)
+    raw = bytearray()
+    async for chunk in clock.chunks(request.content.iter_any()):
+        raw += chunk
+        if len(raw) > limit:
+            raise CommandTooLarge(limit)
     if not raw.strip():
         if required:
             raise BadRequest("a JSON body is required")
         return None
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except ValueError as exc:  # syntax, bad UTF-8, NaN/Infinity, an integer of thousands of digits
         raise BadRequest("malformed JSON", str(exc)) from None
+    except RecursionError:
+        raise BadRequest(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    check_json_value(value)
+    return value
+
+
+def int_param(request: web.Request, name: str, low: int, high: int, default: int | None = None) -> int:
+    """Query parameter ``name`` as an integer in ``[low, high]`` (400 otherwise, or when it is
+    missing and has no default). The one parser of integer parameters, so none reaches SQLite
+    or an event unbounded."""
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise BadRequest(f"query parameter {name!r} is required")
+        return default
+    if not _INTEGER.fullmatch(raw):
+        raise BadRequest(f"{name} must be an integer, got {raw[:40]!r}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise BadRequest(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+class Forbidden(CommandError):
+    status = 403
 
 
 class CommandTooLarge(CommandError):

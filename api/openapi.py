@@ -32,6 +32,8 @@ def document(routes: list[Any]) -> dict[str, Any]:
         params += [{"name": n, "in": "query", "required": False, "schema": {"type": t}} for n, t in r.query]
         if params:
             op["parameters"] = params
+        if r.access != "api":  # public, or the step's own credential checked by the handler
+            op["security"] = []
         if isinstance(r.body, str):
             op["requestBody"] = {"content": {r.body: {"schema": {}}}}
         elif r.body is not None:

@@ -16,6 +16,8 @@ from .models import DataUnitOut, StepCounts, StepOut
 
 
 def base_url(request: web.Request, c: ApiContext) -> str:
+    """Where clients fetch units: ``--public-url``, else the request's own origin, whose Host
+    the door (``api/door.py``) has already checked is a name this service answers for."""
     return (c.settings.public_url or f"{request.scheme}://{request.host}").rstrip("/")
 
 

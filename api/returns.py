@@ -5,7 +5,7 @@ inputs and returns its outputs here (the Job has no access to NATS or the blob s
 * ``POST /api/run/{run}/returns/{step}/{dataKind}?attempt=N&index=i&filename=f`` streams the body
   into the blob store and appends ``StepOutputReturned``.
 
-These routes do not take the API token (``api/auth.py`` skips ``/returns/``); they take the step's
+These routes do not take the API token (their route's access is ``STEP``, see ``api/routes.py``); they take the step's
 own credential, ``Authorization: Bearer <HMAC(server key, run, step, attempt)>``
 (:mod:`mlynar_events.credentials`), and only while that attempt of the step is running.
 401 no credential, 403 wrong credential, 404 unknown run/step/input, 409 attempt not running or

@@ -4,6 +4,7 @@ document is generated from."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -21,6 +22,15 @@ from .models import (
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class Access(StrEnum):
+    """Who may call a route; the door and the auth middleware read it from the matched route
+    (never from the path's text)."""
+
+    API = "api"  # the API token (or anonymous on loopback without a token), same-origin only
+    STEP = "step"  # a running Kubernetes step's own credential, checked by the handler (api/returns.py)
+    PUBLIC = "public"  # anyone: liveness and the OpenAPI document
+
+
 @dataclass(frozen=True)
 class Route:
     method: str
@@ -31,6 +41,7 @@ class Route:
     response: Any = None
     errors: tuple[int, ...] = ()
     query: tuple[tuple[str, str], ...] = ()
+    access: Access = Access.API
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -45,8 +56,9 @@ async def openapi(request: web.Request) -> web.Response:
 
 RUN = "/api/run/{run_id}"
 ROUTES: list[Route] = [
-    Route("GET", "/healthz", healthz, "Liveness and the projection's position", response=Health),
-    Route("GET", "/api/openapi.json", openapi, "This document"),
+    Route("GET", "/healthz", healthz, "Liveness and the projection's position", response=Health,
+          access=Access.PUBLIC),
+    Route("GET", "/api/openapi.json", openapi, "This document", access=Access.PUBLIC),
     Route("GET", "/api/runs", runs.list_runs, "List runs, newest first", response=list[RunSummary],
           query=(("limit", "integer"), ("offset", "integer"))),
     Route("POST", "/api/run", runs.create_run, "Create an empty run", response=RunOut),
@@ -78,12 +90,12 @@ ROUTES: list[Route] = [
     Route("GET", RUN + "/steps/{step_id}/logs", runs.step_logs, "A step's logs (latest attempt)",
           errors=(404,), query=(("attempt", "integer"),)),
     Route("GET", RUN + "/returns/{step_id}/inputs/{index}", returns.get_input,
-          "A running Kubernetes step fetches an input (step credential)", errors=(401, 403, 404, 409),
-          query=(("attempt", "integer"),)),
+          "A running Kubernetes step fetches an input (step credential)", errors=(400, 401, 403, 404, 409),
+          query=(("attempt", "integer"),), access=Access.STEP),
     Route("POST", RUN + "/returns/{step_id}/{data_kind}", returns.return_output,
           "A running Kubernetes step returns an output (step credential)", body="application/octet-stream",
           errors=(400, 401, 403, 404, 409, 413),
-          query=(("attempt", "integer"), ("index", "integer"), ("filename", "string"))),
+          query=(("attempt", "integer"), ("index", "integer"), ("filename", "string")), access=Access.STEP),
     Route("GET", "/static/{run_id}/data/{unit_id}", runs.unit_data, "A data unit's bytes (Range requests served)",
           errors=(404, 416)),
     Route("HEAD", "/static/{run_id}/data/{unit_id}", runs.unit_data, "A data unit's size and type", errors=(404,)),
@@ -113,6 +125,15 @@ ROUTES: list[Route] = [
 ]
 
 
+ROUTE_TABLE: web.AppKey[dict[web.AbstractRoute, Route]] = web.AppKey("routes", dict)
+
+
 def add_routes(app: web.Application, routes: list[Route] = ROUTES) -> None:
-    for r in routes:
-        app.router.add_route(r.method, r.path, r.handler)
+    app[ROUTE_TABLE] = {app.router.add_route(r.method, r.path, r.handler): r for r in routes}
+
+
+def route_of(request: web.Request) -> Route | None:
+    """The table's entry of the route aiohttp matched (``None`` for an unknown path or method).
+    Matching is aiohttp's, on the decoded path, so ``%2F`` tricks cannot change which route
+    (and so which access rule) a request gets."""
+    return request.app[ROUTE_TABLE].get(request.match_info.route)

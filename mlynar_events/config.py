@@ -122,6 +122,11 @@ class ApiSettings(SettingsGroup):
     api_token_file: Path | None
     insecure_no_auth: bool
     public_url: str | None
+    allowed_host: list[str]
+    header_timeout: float
+    body_timeout: float
+    body_min_rate: int
+    max_connections: int
     sse_heartbeat: float
 
 
@@ -188,6 +193,11 @@ class ServeSettings(BaseModel):
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING, ERROR")
     log_format: str = Field("text", description="text or json")
     public_url: str | None = Field(None, description="base URL used in data unit 'url' fields (default: the request's own)")
+    allowed_host: list[str] = Field(default_factory=list, description="a further host name (or IP) the API answers for besides loopback names and --public-url's host, e.g. the Ingress name")
+    header_timeout: float = Field(15.0, description="seconds a connection may take to send a complete request head (and may stay idle between requests)")
+    body_timeout: float = Field(30.0, description="seconds of grace a request body gets before it must keep arriving at --body-min-rate (a slower client gets 408)")
+    body_min_rate: int = Field(1024, description="bytes per second a request body must average after --body-timeout")
+    max_connections: int = Field(512, description="open connections the API accepts at once (more are answered 503 and closed)")
     sse_heartbeat: float = Field(15.0, gt=0, description="seconds between keep-alive comments on an idle event stream (/api/events)")
     # Kubernetes executor
     kube_namespace: str = Field("default", description="namespace of step Jobs and watched CRDs")

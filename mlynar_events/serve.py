@@ -206,14 +206,34 @@ class ConfigError(Exception):
     """Settings that must not start (the CLI prints the message and exits 2)."""
 
 
+MIN_TOKEN_CHARS = 16
+"""Shortest API token accepted: an empty or guessable token file must not open the API."""
+
+
 def _check_exposure(s: ServeSettings) -> None:
-    """An API reachable beyond this machine needs a token, unless the operator says otherwise."""
+    """An API reachable beyond this machine needs a token, unless the operator says otherwise;
+    a token file must hold a real token; the names the API answers for must parse."""
     if "api" in s.roles and not is_loopback(s.host) and s.api_token_file is None and not s.insecure_no_auth:
         raise ConfigError(
             f"refusing to serve the API on {s.host} without --api-token-file "
             "(pass --insecure-no-auth to do it anyway)")
-    if s.api_token_file is not None and not s.api_token_file.is_file():
-        raise ConfigError(f"--api-token-file {s.api_token_file} does not exist")
+    if s.api_token_file is not None:
+        try:
+            token = s.api_token_file.read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(f"--api-token-file {s.api_token_file} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--api-token-file {s.api_token_file} cannot be read: {exc}") from None
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ConfigError(f"--api-token-file {s.api_token_file} holds {'no' if not token else 'a too short'} "
+                              f"token (at least {MIN_TOKEN_CHARS} characters; e.g. `openssl rand -hex 32`)")
+    if "api" in s.roles:
+        from api.door import Door
+
+        try:
+            Door.of(s.api)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 async def serve_forever(settings: ServeSettings, after_start: Callable[[Service], Awaitable[Any]] | None = None) -> int:

@@ -262,14 +262,14 @@ async def test_registry_declare_is_idempotent_and_revisions(api: Api) -> None:
 
 async def test_api_token(make_service, tmp_path: Path) -> None:
     token_file = tmp_path / "token"
-    token_file.write_text("s3cret-token\n")
+    token_file.write_text("s3cret-token-of-the-test\n")
     api = await make_service(api_token_file=token_file)
     assert (await api.call("GET", "/healthz"))[0] == 200
     status, body = await api.call("POST", "/api/run")
     assert status == 401 and body["error"]
     status, _ = await api.call("POST", "/api/run", headers={"Authorization": "Bearer wrong"})
     assert status == 403
-    status, _ = await api.call("GET", "/api/runs", headers={"Authorization": "Bearer s3cret-token"})
+    status, _ = await api.call("GET", "/api/runs", headers={"Authorization": "Bearer s3cret-token-of-the-test"})
     assert status == 200
 
 
