@@ -169,5 +169,12 @@ class Deleted(Model):
 
 
 class Health(Model):
+    """``/healthz``: ``ok`` (200) while this process is connected to NATS, ``unavailable`` (503)
+    while it is not (its commands would time out); the projector's ``lag`` behind the stream's
+    ``head`` is reported, not judged: a projector catching up after a restart is healthy."""
+
     status: str
     position: int
+    nats: str = Field(description="connected or disconnected")
+    head: int | None = Field(None, description="the stream's last sequence (null when NATS is unreachable)")
+    lag: int | None = Field(None, description="events the projection is behind the head")

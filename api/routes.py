@@ -3,6 +3,7 @@ document is generated from."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Awaitable, Callable
@@ -44,8 +45,26 @@ class Route:
     access: Access = Access.API
 
 
+HEALTH_NATS_TIMEOUT = 2.0
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response(Health(status="ok", position=ctx(request).projector.position).model_dump())
+    """Liveness that means something: 503 while NATS is disconnected (or does not answer within
+    :data:`HEALTH_NATS_TIMEOUT`), so a probe sees what a command would; the projector's lag is
+    reported alongside."""
+    c = ctx(request)
+    position = c.projector.position
+    head: int | None = None
+    if c.store.nc.is_connected:
+        try:
+            head = await asyncio.wait_for(c.store.last_seq(), HEALTH_NATS_TIMEOUT)
+        except Exception:  # noqa: BLE001 - any failure to answer is "not connected" to a probe
+            head = None
+    if head is None:
+        body = Health(status="unavailable", position=position, nats="disconnected")
+        return web.json_response(body.model_dump(), status=503)
+    body = Health(status="ok", position=position, nats="connected", head=head, lag=max(0, head - position))
+    return web.json_response(body.model_dump())
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -33,35 +33,48 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _rebuild(ns: argparse.Namespace) -> int:
+    """Rebuild the projection file from the stream, holding the data directory's lock (the
+    service must be stopped) and reaching NATS exactly as ``serve`` does (the embedded server
+    with its generated NKey, or ``--nats-url`` with its credential flags)."""
     from projections.projector import rebuild
 
+    from .nats_connect import NatsUnavailable
+    from .serve import ConfigError, lock_data_dir, private_files, start_nats
     from .store import EventStore
 
     settings = config.serve_settings(ns)
     logs.setup(settings.log_level, settings.log_format)
 
     async def main() -> int:
-        from .nats_server import EmbeddedNats
-
+        lock = lock_data_dir(settings.data_dir)
         nats = None
-        url = settings.nats_url
-        if not url:
-            nats = EmbeddedNats(settings.data_dir / "nats")
-            url = await nats.start()
-        store = await EventStore.connect(url)
         try:
-            def progress(seq: int, head: int) -> None:
-                print(f"\rrebuilt {seq}/{head} events", end="", file=sys.stderr, flush=True)
+            private_files(settings)
+            options, nats = await start_nats(settings)
+            store = await EventStore.connect(options)
+            try:
+                def progress(seq: int, head: int) -> None:
+                    print(f"\rrebuilt {seq}/{head} events", end="", file=sys.stderr, flush=True)
 
-            n = await rebuild(store, settings.resolved_db_path, progress)
-            print(f"\nrebuilt {settings.resolved_db_path} from {n} events", file=sys.stderr)
-            return 0
+                n = await rebuild(store, settings.resolved_db_path, progress)
+                settings.resolved_db_path.chmod(0o600)  # the fresh file is the owner's only, too
+                print(f"\nrebuilt {settings.resolved_db_path} from {n} events", file=sys.stderr)
+                return 0
+            finally:
+                await store.close()
         finally:
-            await store.close()
             if nats:
                 await nats.stop()
+            await lock.release()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except ConfigError as exc:
+        print(f"mlynar projections rebuild: {exc}", file=sys.stderr)
+        return 2
+    except NatsUnavailable as exc:
+        print(f"mlynar projections rebuild: {exc}", file=sys.stderr)
+        return 1
 
 
 def _example(ns: argparse.Namespace) -> int:

@@ -107,8 +107,31 @@ class StoreSettings(SettingsGroup):
     """How every role reaches the event store (NATS JetStream)."""
 
     nats_url: str | None
+    nats_user: str | None
+    nats_password_file: Path | None
+    nats_token_file: Path | None
+    nats_creds: Path | None
+    nats_nkey_seed: Path | None
+    nats_tls_ca: Path | None
+    nats_tls_cert: Path | None
+    nats_tls_key: Path | None
+    nats_connect_timeout: float
+    secrets_key_file: Path | None
     duplicate_window: float
     stream_replicas: int
+
+    def nats_options(self) -> "NatsOptions":
+        """How to reach the external NATS of ``--nats-url`` (credential files read now); the
+        embedded server's options are built by the wiring from the files it generated."""
+        from .nats_connect import NatsOptions, read_secret_file
+
+        assert self.nats_url, "only for an external NATS"
+        return NatsOptions.from_url(
+            self.nats_url, user=self.nats_user,
+            password=read_secret_file(self.nats_password_file, "--nats-password-file") if self.nats_password_file else None,
+            token=read_secret_file(self.nats_token_file, "--nats-token-file") if self.nats_token_file else None,
+            creds=self.nats_creds, nkey_seed=self.nats_nkey_seed, tls_ca=self.nats_tls_ca,
+            tls_cert=self.nats_tls_cert, tls_key=self.nats_tls_key, connect_timeout=self.nats_connect_timeout)
 
 
 class ApiSettings(SettingsGroup):
@@ -172,7 +195,17 @@ class ServeSettings(BaseModel):
     (:attr:`api`, :attr:`store`, :attr:`solver`, :attr:`executor`, :attr:`kube`)."""
 
     data_dir: Path = Field(Path(".mlynar"), description="where JetStream data, blobs, the projection database and secrets live")
-    nats_url: str | None = Field(None, description="use this NATS server instead of starting the embedded one")
+    nats_url: str | None = Field(None, description="use this NATS server (or comma-separated servers of a cluster) instead of starting the embedded one")
+    nats_user: str | None = Field(None, description="user name for --nats-url (with --nats-password-file)")
+    nats_password_file: Path | None = Field(None, description="file holding the password of --nats-user")
+    nats_token_file: Path | None = Field(None, description="file holding a NATS authentication token")
+    nats_creds: Path | None = Field(None, description="NATS .creds file (user JWT and NKey seed) for --nats-url")
+    nats_nkey_seed: Path | None = Field(None, description="file holding a NATS user NKey seed (SU...)")
+    nats_tls_ca: Path | None = Field(None, description="CA bundle that signs the NATS servers' certificates")
+    nats_tls_cert: Path | None = Field(None, description="client certificate for NATS TLS (with --nats-tls-key)")
+    nats_tls_key: Path | None = Field(None, description="private key of --nats-tls-cert")
+    nats_connect_timeout: float = Field(30.0, description="seconds start-up keeps retrying an unreachable NATS before it gives up")
+    secrets_key_file: Path | None = Field(None, description="key file encrypting the secrets in NATS (default DATA_DIR/keys/secrets.key with the embedded NATS; give the same file to every replica)")
     host: str = Field("127.0.0.1", description="address the REST API listens on")
     port: int = Field(3000, description="port of the REST API")
     registry: list[Path] = Field(default_factory=list, description="a YAML file or directory of DataKind/Operator documents to declare at start")

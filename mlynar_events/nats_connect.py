@@ -108,8 +108,12 @@ def split_servers(url: str) -> list[str]:
 
 
 def read_secret_file(path: Path, what: str) -> str:
-    """The stripped content of a credential file; ValueError naming the flag when it is empty."""
-    value = path.read_text().strip()
+    """The stripped content of a credential file; ValueError naming the flag when it cannot be
+    read or is empty."""
+    try:
+        value = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if not value:
         raise ValueError(f"{what} {path} is empty")
     return value
@@ -137,7 +141,7 @@ class _Callbacks:
     async def error(self, exc: Exception) -> None:
         if not self.connected:
             self.failures.append(exc)
-            if isinstance(exc, AuthorizationError) or len(self.failures) >= self.servers:
+            if _is_refusal(exc) or len(self.failures) >= self.servers:
                 raise _AttemptFailed(exc)
             return
         level = logging.DEBUG if self.disconnected else logging.WARNING
@@ -152,6 +156,12 @@ class _Callbacks:
         if self.disconnected:
             self.disconnected = False
             log.info("NATS reconnected", extra={"connection": self.name})
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """The server refused who we are (the client reports it as ``AuthorizationError`` or as a
+    protocol error with the server's text)."""
+    return isinstance(exc, AuthorizationError) or "authorization violation" in str(exc).lower()
 
 
 def _describe(exc: BaseException) -> str:
@@ -188,7 +198,7 @@ async def connect(target: str | NatsOptions, *, name: str = "mlynar") -> NATS:
         finally:
             if not callbacks.connected:
                 await _discard(nc)
-        if isinstance(cause, AuthorizationError):
+        if _is_refusal(cause):
             raise NatsUnavailable(f"NATS at {', '.join(options.servers)} refused our credentials "
                                   f"({_describe(cause)}): check the --nats-* credential flags") from None
         remaining = deadline - loop.time()

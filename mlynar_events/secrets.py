@@ -3,20 +3,39 @@ reference (``secret:<key>``) that this store resolves.
 
 The store is a JetStream KV bucket beside the event stream, so every role of every replica sees
 the same secrets without a shared disk; a deleted secret is purged (no history kept).
+
+Values are encrypted at rest (:class:`SecretCipher`, AES-256-GCM with the key's name as
+associated data) with a key file that is not in NATS: the data directory's ``keys/secrets.key``
+(0600) with the embedded server, or ``--secrets-key-file`` for every replica of a deployment. So
+read access to NATS alone (a leaked NATS credential, a copy of the JetStream files) does not
+reveal them, and a value cannot be moved to another key's name and still decrypt. Values written
+in plaintext by an older version are still read, and re-encrypted when the store opens.
 """
 
 from __future__ import annotations
 
+import base64
+import logging
+import os
 import re
 import secrets as _random
+from pathlib import Path
+from typing import Callable
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyDeletedError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyDeletedError, NoKeysError
 from nats.js.kv import KeyValue
+
+log = logging.getLogger("mlynar.secrets")
 
 BUCKET = "mlynar-secrets"
 _KEY = re.compile(r"^[A-Za-z0-9_=-]+(\.[A-Za-z0-9_=-]+)*$")
 PREFIX = "secret:"
+SEALED = b"mlynar-aesgcm-v1:"
+"""How an encrypted value starts (then base64 of nonce + ciphertext); anything else is an old
+plaintext value."""
 
 
 def secret_key(ref_or_key: str) -> str:
@@ -40,28 +59,136 @@ def machine_token_key(machine: str) -> str:
 _key = secret_key
 
 
-class SecretStore:
-    def __init__(self, kv: KeyValue) -> None:
-        self.kv = kv
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory only its owner can enter (0700), tightened if it exists."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def ensure_private_file(path: Path, make: Callable[[], str]) -> str:
+    """The stripped content of ``path``, created with ``make()`` (mode 0600, never through a
+    moment of wider permissions) when it does not exist; an existing one is tightened to 0600."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return path.read_text().strip()
+    value = make()
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return value
+
+
+class SecretsLocked(Exception):
+    """A value is encrypted and this process has no key (or the wrong one) to read it."""
+
+
+class SecretCipher:
+    """AES-256-GCM over secret values, bound to the key's name (associated data)."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != 32:
+            raise ValueError("a secrets key is 32 bytes")
+        self._aead = AESGCM(key)
 
     @classmethod
-    async def open(cls, js: JetStreamContext, replicas: int = 1) -> "SecretStore":
+    def from_file(cls, path: Path, create: bool = False) -> "SecretCipher":
+        """The key in ``path`` (base64 of 32 bytes, e.g. ``head -c32 /dev/urandom | base64``),
+        generated (0600) first when ``create``; ValueError saying what is wrong with the file."""
+        if create:
+            text = ensure_private_file(path, lambda: base64.urlsafe_b64encode(os.urandom(32)).decode())
+        else:
+            text = path.read_text().strip()
+            if path.stat().st_mode & 0o077:
+                log.warning("secrets key file is readable by other users", extra={"path": str(path)})
+        try:  # either base64 alphabet
+            key = base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+        except ValueError:
+            raise ValueError(f"secrets key file {path}: not base64") from None
+        if len(key) != 32:
+            raise ValueError(f"secrets key file {path}: holds {len(key)} bytes, needs 32")
+        return cls(key)
+
+    def seal(self, name: str, value: str) -> bytes:
+        nonce = os.urandom(12)
+        return SEALED + base64.b64encode(nonce + self._aead.encrypt(nonce, value.encode(), name.encode()))
+
+    def open(self, name: str, stored: bytes) -> str:
+        raw = base64.b64decode(stored[len(SEALED):])
+        try:
+            return self._aead.decrypt(raw[:12], raw[12:], name.encode()).decode()
+        except InvalidTag:
+            raise SecretsLocked(f"secret {name!r} does not decrypt with this secrets key "
+                                "(another --secrets-key-file wrote it?)") from None
+
+
+class SecretStore:
+    """Secrets in the KV bucket; with a ``cipher`` written encrypted, without one in plaintext
+    (an external NATS with no ``--secrets-key-file``: the wiring warns about it)."""
+
+    def __init__(self, kv: KeyValue, cipher: SecretCipher | None = None) -> None:
+        self.kv = kv
+        self.cipher = cipher
+
+    @classmethod
+    async def open(cls, js: JetStreamContext, replicas: int = 1, cipher: SecretCipher | None = None) -> "SecretStore":
         try:
             kv = await js.key_value(BUCKET)
         except BucketNotFoundError:
             kv = await js.create_key_value(bucket=BUCKET, history=1, replicas=replicas, description="mlynar secrets")
-        return cls(kv)
+        store = cls(kv, cipher)
+        if cipher is not None:
+            await store.encrypt_plaintext()
+        return store
+
+    def _seal(self, key: str, value: str) -> bytes:
+        return self.cipher.seal(key, value) if self.cipher is not None else value.encode()
+
+    def _open(self, key: str, stored: bytes) -> str:
+        if not stored.startswith(SEALED):
+            return stored.decode()
+        if self.cipher is None:
+            raise SecretsLocked(f"secret {key!r} is encrypted and no --secrets-key-file is configured")
+        return self.cipher.open(key, stored)
+
+    async def encrypt_plaintext(self) -> int:
+        """Re-encrypt every value an older version stored in plaintext (the upgrade of an
+        existing data directory); a value changed meanwhile by another replica is left to it
+        (the update is conditional on the revision read). Returns how many were encrypted."""
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            return 0
+        upgraded = 0
+        for key in keys:
+            try:
+                entry = await self.kv.get(key)
+            except (KeyNotFoundError, KeyDeletedError):
+                continue
+            if entry.value and not entry.value.startswith(SEALED) and entry.revision is not None:
+                try:
+                    await self.kv.update(key, self._seal(key, entry.value.decode()), last=entry.revision)
+                    upgraded += 1
+                except Exception:  # noqa: BLE001 - another writer got there first: its value stands
+                    log.debug("secret changed while encrypting it", extra={"key": key})
+        if upgraded:
+            log.info("encrypted secrets stored in plaintext by an older version", extra={"count": upgraded})
+        return upgraded
 
     async def put(self, key: str, value: str) -> str:
-        await self.kv.put(_key(key), value.encode())
+        await self.kv.put(_key(key), self._seal(_key(key), value))
         return secret_ref(key)
 
     async def get(self, ref: str) -> str | None:
+        key = _key(ref)
         try:
-            entry = await self.kv.get(_key(ref))
+            entry = await self.kv.get(key)
         except (KeyNotFoundError, KeyDeletedError):
             return None
-        return entry.value.decode() if entry.value else None
+        return self._open(key, entry.value) if entry.value else None
 
     async def delete(self, ref: str) -> None:
         try:
@@ -77,7 +204,7 @@ class SecretStore:
             return existing
         value = _random.token_urlsafe(nbytes)
         try:
-            await self.kv.create(_key(key), value.encode())
+            await self.kv.create(_key(key), self._seal(_key(key), value))
         except Exception:
             pass
         return (await self.get(key)) or value

@@ -1,16 +1,22 @@
 """Process wiring: start the parts this process hosts (``--roles``) around one event store.
 
-With no ``--nats-url`` the embedded nats-server is started as a child process; with
-``--local-machine`` (the default) a machine agent runs in-process on loopback and is registered
-as machine ``local``. Roles never call each other: they are only started side by side here, each in the same
-lifecycle (:mod:`mlynar_events.roles`).
+With no ``--nats-url`` the embedded nats-server is started as a child process (requiring a
+generated NKey, supervised); with ``--local-machine`` (the default) a machine agent runs in-process on
+loopback and is registered as machine ``local``. Roles never call each other: they are only started
+side by side here, each in the same lifecycle (:mod:`mlynar_events.roles`).
+
+The data directory belongs to one process at a time (:func:`lock_data_dir`): a second ``serve`` on
+it would start a second nats-server on the same JetStream files. It and everything secret in it
+(keys, blobs, the projection database) are readable by its owner only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -20,9 +26,10 @@ from aiohttp import web
 from . import registry as registry_commands
 from .blobs import FileBlobStore
 from .config import ServeSettings, is_loopback
-from .events import MachineRegistered, MachineUpdated, key_filter
-from .nats_server import EmbeddedNats
-from .secrets import SecretStore, machine_token_key, secret_ref
+from .events import STREAM, MachineRegistered, MachineUpdated, key_filter
+from .nats_connect import NatsOptions, NatsUnavailable
+from .nats_server import EmbeddedNats, embedded_credentials
+from .secrets import SecretCipher, SecretStore, machine_token_key, private_dir, secret_ref
 from .solver import Solver
 from .errors import CommandError
 from .specs import SpecError, load_documents
@@ -34,6 +41,106 @@ CATCH_UP_TIMEOUT = 60.0
 """Seconds the API waits at start for its projection to reach the stream's head (then it serves
 anyway, with a warning: a huge backlog must not keep the service down)."""
 LOCAL_MACHINE = "local"
+LOCK_FILE = "lock"
+KEYS_DIR = "keys"
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``DATA_DIR/lock`` holding the holder's pid, for the process's
+    life: the kernel releases it when the process dies, however it dies, so a crash never leaves
+    a stale lock behind."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> "DataDirLock":
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"data directory {self.path.parent} is in use by another mlynar process "
+                              f"(pid {holder}, lock {self.path}); stop it or give another --data-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    async def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def lock_data_dir(data_dir: Path) -> DataDirLock:
+    """Make ``data_dir`` (0700) and lock it; :class:`ConfigError` naming the holder's pid."""
+    private_dir(data_dir)
+    return DataDirLock(data_dir).acquire()
+
+
+def private_files(settings: ServeSettings) -> None:
+    """Only the owner reads what the service keeps: the data directory and a blob directory
+    elsewhere are 0700, the projection database 0600 (created so before SQLite opens it; its
+    journal files take its mode). Tightens a data directory made by an older version."""
+    private_dir(settings.data_dir)
+    private_dir(settings.resolved_blob_dir)
+    db = settings.resolved_db_path
+    private_dir(db.parent) if db.parent != settings.data_dir.parent else None
+    os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        if path.exists():
+            os.chmod(path, 0o600)
+
+
+async def start_nats(settings: ServeSettings) -> tuple[NatsOptions, EmbeddedNats | None]:
+    """How this process reaches NATS: ``--nats-url`` with its credential flags, or a new embedded
+    server (its NKey seed in the data directory) that the caller must stop (and may supervise)."""
+    s = settings.store
+    if s.nats_url:
+        try:
+            return s.nats_options(), None
+        except (ValueError, OSError) as exc:
+            raise ConfigError(f"NATS settings: {exc}") from None
+    keys = private_dir(settings.data_dir / KEYS_DIR)
+    seed = embedded_credentials(keys)
+    nats = EmbeddedNats(settings.data_dir / "nats", nkey_seed=seed, config_file=keys / "nats-server.conf")
+    url = await nats.start()
+    return NatsOptions(servers=[url], nkey_seed=seed, connect_timeout=s.nats_connect_timeout), nats
+
+
+def secrets_cipher(settings: ServeSettings) -> SecretCipher | None:
+    """The key encrypting the secrets bucket: ``--secrets-key-file``, else (embedded NATS) the data
+    directory's own, generated on first use; ``None`` (warned) for an external NATS without one,
+    where a per-directory key would differ between replicas."""
+    s = settings.store
+    try:
+        if s.secrets_key_file is not None:
+            return SecretCipher.from_file(s.secrets_key_file)
+        if not s.nats_url:
+            return SecretCipher.from_file(private_dir(settings.data_dir / KEYS_DIR) / "secrets.key", create=True)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+    log.warning("secrets in the NATS bucket are stored unencrypted: give every replica the same "
+                "--secrets-key-file to encrypt them")
+    return None
+
+
+async def report_stream_replicas(store: EventStore, wanted: int) -> None:
+    """Say so when the existing stream's replica count is not ``--stream-replicas`` (JetStream
+    keeps what the stream was created with unless it is updated on purpose)."""
+    try:
+        info = await store.js.stream_info(STREAM)
+    except Exception as exc:  # noqa: BLE001 - a report, not a precondition
+        log.warning("could not read the stream's settings", extra={"error": str(exc)})
+        return
+    actual = info.config.num_replicas or 1
+    if actual != wanted:
+        log.warning(f"stream {STREAM} has {actual} replica(s) but --stream-replicas is {wanted}: the existing "
+                    f"stream keeps {actual}; change it with 'nats stream edit {STREAM} --replicas {wanted}' "
+                    "(or pass the stream's own count)",
+                    extra={"stream": STREAM, "replicas": actual, "wanted": wanted})
 
 
 class Service:
@@ -45,7 +152,9 @@ class Service:
         self.settings = settings
         self.store: EventStore | None = None
         self.api_url: str | None = None
+        self.nats: EmbeddedNats | None = None
         self.failed = asyncio.Event()
+        self.failure: str | None = None  # why, once ``failed`` is set
         self._stack = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> "Service":
@@ -58,23 +167,28 @@ class Service:
     async def start(self) -> None:
         s = self.settings
         _check_exposure(s)
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = lock_data_dir(s.data_dir)
+        self._on_stop(lock.release)  # the first pushed: released last
         try:
+            private_files(s)
             await self._start(s)
         except BaseException:
             await self.stop()
             raise
 
     async def _start(self, s: ServeSettings) -> None:
-        url = s.store.nats_url
-        if not url:
-            nats = EmbeddedNats(s.data_dir / "nats")
-            url = await nats.start()
+        cipher = secrets_cipher(s)
+        options, nats = await start_nats(s)
+        if nats is not None:
             self._on_stop(nats.stop)
-        self.store = store = await EventStore.connect(url, duplicate_window=s.store.duplicate_window,
+            self.nats = nats
+            await self._host("nats-server", nats)  # supervised; stopped after the store closes
+        self.store = store = await EventStore.connect(options, duplicate_window=s.store.duplicate_window,
                                                       replicas=s.store.stream_replicas)
         self._on_stop(store.close)
-        secrets = await SecretStore.open(store.js, s.store.stream_replicas)
+        await report_stream_replicas(store, s.store.stream_replicas)
+        secrets = await SecretStore.open(store.js, s.store.stream_replicas, cipher)
+        url = ",".join(options.servers)
         blobs = FileBlobStore(s.resolved_blob_dir)
         if s.registry:
             await self._declare_registry(store, s.registry)
@@ -92,7 +206,11 @@ class Service:
         log.info("mlynar serving", extra={"roles": ",".join(sorted(roles)), "nats": url, "api": self.api_url})
 
     async def _host(self, name: str, role: Role) -> None:
-        await self._stack.enter_async_context(hosted(name, role, lambda *_: self.failed.set()))
+        await self._stack.enter_async_context(hosted(name, role, self._crashed))
+
+    def _crashed(self, name: str, exc: BaseException) -> None:
+        self.failure = f"{name} failed: {exc}"
+        self.failed.set()
 
     def _on_stop(self, close: Callable[[], Awaitable[Any]]) -> None:
         self._stack.push_async_callback(closing(close))
@@ -237,14 +355,36 @@ def _check_exposure(s: ServeSettings) -> None:
 
 
 async def serve_forever(settings: ServeSettings, after_start: Callable[[Service], Awaitable[Any]] | None = None) -> int:
+    """Run until SIGTERM/SIGINT (0) or a role fails (1). A signal during start-up (e.g. while
+    NATS is still unreachable) cancels the start-up, which stops what it had started."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Service(settings) as service:
+    service = Service(settings)
+    starting = asyncio.ensure_future(service.start())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        log.info("stopped during start-up")
+        return 0
+    stopped.cancel()
+    try:
+        starting.result()  # a ConfigError propagates: the CLI prints it and exits 2
+    except NatsUnavailable as exc:
+        log.error("giving up: %s", exc)
+        return 1
+    try:
         if after_start is not None:
             asyncio.ensure_future(after_start(service))
         failed = asyncio.ensure_future(service.failed.wait())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        return 1 if service.failed.is_set() else 0
+        if service.failed.is_set():
+            log.error("stopping: %s", service.failure)
+            return 1
+        return 0
+    finally:
+        await service.stop()
