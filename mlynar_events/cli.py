@@ -77,6 +77,63 @@ def _rebuild(ns: argparse.Namespace) -> int:
         return 1
 
 
+def _audit(ns: argparse.Namespace) -> int:
+    """``mlynar audit verify``: replay the stream into a fresh projection and compare it with the
+    live one, and re-derive every run's scheduling from its history (:mod:`mlynar_events.audit`,
+    :mod:`projections.audit`). One line per discrepancy; exit 1 if there is any. With the
+    embedded NATS the service must be stopped (the data directory's lock); with ``--nats-url`` it
+    may run (the live database is read in one read transaction)."""
+    import tempfile
+    from pathlib import Path
+
+    from projections.audit import verify_views
+
+    from .audit import check_scheduling
+    from .events import SUBJECT_PREFIX
+    from .nats_connect import NatsUnavailable
+    from .serve import ConfigError, lock_data_dir, start_nats
+    from .store import EventStore
+
+    settings = config.serve_settings(ns)
+    logs.setup(settings.log_level, settings.log_format)
+
+    async def main() -> int:
+        lock = None if settings.store.nats_url else lock_data_dir(settings.data_dir)
+        nats = None
+        try:
+            options, nats = await start_nats(settings)
+            store = await EventStore.connect(options)
+            try:
+                if not settings.resolved_db_path.exists():
+                    raise ConfigError(f"no projection at {settings.resolved_db_path} to verify")
+                with tempfile.TemporaryDirectory(prefix="mlynar-audit-") as work:
+                    views, at = await verify_views(store, settings.resolved_db_path, Path(work))
+                events = await store.read(f"{SUBJECT_PREFIX}.>")
+                scheduling, runs = check_scheduling(events)
+            finally:
+                await store.close()
+        finally:
+            if nats:
+                await nats.stop()
+            if lock:
+                await lock.release()
+        for finding in views + scheduling:
+            print(finding)
+        verdict = "FAILED" if views or scheduling else "ok"
+        print(f"audit {verdict}: views at sequence {at}: {len(views)} discrepancies; "
+              f"{len(events)} events, {runs} runs re-derived: {len(scheduling)} discrepancies", file=sys.stderr)
+        return 1 if views or scheduling else 0
+
+    try:
+        return asyncio.run(main())
+    except ConfigError as exc:
+        print(f"mlynar audit verify: {exc}", file=sys.stderr)
+        return 2
+    except NatsUnavailable as exc:
+        print(f"mlynar audit verify: {exc}", file=sys.stderr)
+        return 1
+
+
 def _example(ns: argparse.Namespace) -> int:
     from .example import run_example
 
@@ -104,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     rebuild = proj_sub.add_parser("rebuild", help="rebuild the read views from sequence 1 (service stopped)")
     config.add_serve_flags(rebuild)
     rebuild.set_defaults(func=_rebuild)
+    audit = sub.add_parser("audit", help="audit the stream and the views")
+    audit_sub = audit.add_subparsers(dest="action", required=True)
+    verify = audit_sub.add_parser("verify", help="replay into a fresh projection, compare it with the live one and "
+                                  "re-derive every run's scheduling; exit 1 on any discrepancy")
+    config.add_serve_flags(verify)
+    verify.set_defaults(func=_audit)
     example = sub.add_parser("example", help="run Mlynar's README example against a running service")
     config.flag(example, "--url", default="http://127.0.0.1:3000", help="the service's base URL")
     config.flag(example, "--api-token-file", default=None, type=__import__("pathlib").Path, help="bearer token file")

@@ -96,3 +96,30 @@ async def test_a_missing_decision_is_found(api: Api) -> None:
     missing = [str(f) for f in findings if "never scheduled" in str(f)]
     inputs = {i.env: i.unit_id for i in dropped.inputs}
     assert any(f"operator length was never scheduled for the input set {inputs}" in m for m in missing), missing
+
+
+def _verify(api: Api, nats_url: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    settings = api.service.settings
+    return subprocess.run(
+        [sys.executable, "-m", "mlynar_events.cli", "audit", "verify", "--nats-url", nats_url,
+         "--data-dir", str(settings.data_dir), "--db-path", str(settings.resolved_db_path)],
+        capture_output=True, text=True, timeout=120)
+
+
+async def test_the_command_passes_a_clean_history_and_fails_a_tampered_one(api: Api, nats_url: str) -> None:
+    run_id = await finished_run(api)
+    await caught_up(api)
+    clean = _verify(api, nats_url)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "audit ok" in clean.stderr and clean.stdout == ""
+    conn = sqlite3.connect(api.service.settings.resolved_db_path)
+    with conn:
+        conn.execute("UPDATE runs SET status = 'running' WHERE id = ?", (run_id,))
+    conn.close()
+    tampered = _verify(api, nats_url)
+    assert tampered.returncode == 1
+    assert f"runs row {run_id}: status is 'running' in the live views but 'complete' in the replay" in tampered.stdout
+    assert "audit FAILED" in tampered.stderr and "Traceback" not in tampered.stderr
