@@ -1,6 +1,8 @@
 """``mlynar``: the one command. ``serve`` runs the service (all roles, or those of ``--roles``),
 ``machine-agent`` runs the agent on a user's host, ``projections rebuild`` rebuilds the read views
-from the stream, ``example`` runs Mlynar's README example against a running service."""
+from the stream, ``example`` runs Mlynar's README example against a running service; ``apply``,
+``get``, ``delete``, ``run …`` and ``history`` are the client (package ``client``), talking to a
+service over its REST API."""
 
 from __future__ import annotations
 
@@ -171,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.flag(example, "--url", default="http://127.0.0.1:3000", help="the service's base URL")
     config.flag(example, "--api-token-file", default=None, type=__import__("pathlib").Path, help="bearer token file")
     example.set_defaults(func=_example)
+    from client.commands import add_commands  # the client commands: apply, get, delete, run, history
+
+    add_commands(sub)
     return parser
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("mlynar_events", "api", "projections", "executors")
+PACKAGES = ("mlynar_events", "api", "projections", "executors", "client")
 
 # package -> the packages of ours it may import (besides itself)
 MAY_IMPORT: dict[str, set[str]] = {
@@ -18,6 +18,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "api": {"mlynar_events", "projections"},
     "projections": {"mlynar_events"},
     "executors": {"mlynar_events"},
+    "client": {"mlynar_events"},  # and only its pure parts: CLIENT_MAY_USE
 }
 # the one place that starts the roles side by side, and the command line
 WIRING = {"mlynar_events/serve.py", "mlynar_events/cli.py"}
@@ -49,6 +50,29 @@ def violations() -> list[str]:
 
 def test_no_module_crosses_a_layer() -> None:
     assert violations() == []
+
+
+# the client talks to the service over HTTP only; of the core it uses what is pure
+CLIENT_MAY_USE = {"mlynar_events.config", "mlynar_events.specs"}
+
+
+def core_modules_used(source: str) -> set[str]:
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "mlynar_events")
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module == "mlynar_events":
+                found.update(f"mlynar_events.{a.name}" for a in node.names)
+            elif node.module.startswith("mlynar_events."):
+                found.add(node.module)
+    return found
+
+
+def test_the_client_uses_only_pure_parts_of_the_core() -> None:
+    beyond = {p.relative_to(ROOT).as_posix(): sorted(core_modules_used(p.read_text()) - CLIENT_MAY_USE)
+              for p in sorted((ROOT / "client").rglob("*.py"))}
+    assert {module: bad for module, bad in beyond.items() if bad} == {}
 
 
 @pytest.mark.parametrize("source,expected", [
