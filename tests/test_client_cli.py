@@ -9,10 +9,12 @@ import json
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -255,6 +257,124 @@ def test_ctrl_c_stops_watching_not_the_run_and_terminate_exits_3(api: dict[str, 
     watched = cli(api, "run", "watch", run_id)
     assert watched.returncode == 3, watched.stdout + watched.stderr
     assert "terminated" in watched.stdout and "cancelled" in watched.stdout, watched.stdout
+
+
+class CuttingProxy:
+    """A TCP proxy in front of the API that can cut every open connection at once, as a flaky
+    network or a load balancer would; it keeps what went through each way."""
+
+    def __init__(self, target: str) -> None:
+        self.target = ("127.0.0.1", int(target.rsplit(":", 1)[1]))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.up, self.down = bytearray(), bytearray()
+        self.sockets: list[socket.socket] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, self.up), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.down), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, seen: bytearray) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    break
+                with self.changed:
+                    seen.extend(data)
+                    self.changed.notify_all()
+                dst.sendall(data)
+            except OSError:
+                break
+        self._shut(src, dst)
+
+    @staticmethod
+    def _shut(*socks: socket.socket) -> None:
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self._shut(*self.sockets)
+
+    def wait(self, predicate, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout), f"timed out waiting for {what}"
+
+    def resumed_from(self) -> list[int]:
+        return [int(x) for x in re.findall(rb"Last-Event-ID: (\d+)", bytes(self.up))]
+
+    def close(self) -> None:
+        self.server.close()
+        self.cut()
+
+
+def upload(api: dict[str, str], run_id: str, kind: str, content: bytes) -> None:
+    """One multipart upload straight to the API (what ``curl -F file=@…`` sends)."""
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"more.txt\"\r\n"
+            f"Content-Type: text/plain\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(f"{api['MLYNAR_API']}/api/run/{run_id}/upload/{kind}", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              "Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 201
+
+
+def wait_event(api: dict[str, str], run_id: str, event_type: str, timeout: float = 30.0) -> None:
+    """Read the run's event stream from the start until an event of ``event_type`` (no polling)."""
+    request = urllib.request.Request(f"{api['MLYNAR_API']}/api/run/{run_id}/events",
+                                     headers={"Accept": "text/event-stream", "Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=timeout) as stream:
+        for line in stream:
+            if line.decode().strip() == f"event: {event_type}":
+                return
+    raise AssertionError(f"the stream of run {run_id} ended without {event_type}")
+
+
+def test_a_dropped_event_stream_is_resumed_from_the_last_event(api: dict[str, str], applied: dict[str, str],
+                                                                tmp_path: Path) -> None:
+    file = tmp_path / "hold.yaml"
+    file.write_text(HOLD.replace("DISPLAY", "held"))
+    assert cli(api, "apply", "-f", str(file)).returncode == 0
+    data = tmp_path / "x.txt"
+    data.write_text("x")
+    submitted = cli(api, "run", "submit", "--upload", f"cli-hold-input={data}", "-o", "json")
+    run_id = json.loads(submitted.stdout)["id"]
+    wait_event(api, run_id, "StepStarted")  # the first step holds: the watcher's snapshot has it running
+    proxy = CuttingProxy(api["MLYNAR_API"])
+    env = clean_env(MLYNAR_API=proxy.url, MLYNAR_TOKEN_FILE=api["MLYNAR_TOKEN_FILE"])
+    watcher = subprocess.Popen([*MLYNAR, "run", "watch", run_id], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        proxy.wait(lambda: proxy.resumed_from(), "the watcher to open the event stream")
+        upload(api, run_id, "cli-hold-input", b"y")  # a second step: events the watcher receives live
+        # the second step's start is the last event until the terminate below: both steps hold
+        proxy.wait(lambda: b"event: StepStarted" in proxy.down, "the second step's start on the stream")
+        last = int(re.findall(rb"^id: (\d+)", bytes(proxy.down), re.M)[-1])
+        proxy.cut()
+        proxy.wait(lambda: len(proxy.resumed_from()) >= 2, "the watcher to reconnect")
+        assert proxy.resumed_from()[1] == last  # resumed right after the last event it had
+        assert cli(api, "run", "terminate", run_id, "--cancel").returncode == 0
+        out, err = watcher.communicate(timeout=40)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        proxy.close()
+    assert watcher.returncode == 3, out + err
+    cancelled = re.findall(r"○ cli-hold +cancelled .*step ([0-9a-f]{8})", out)
+    assert len(cancelled) == 2 and len(set(cancelled)) == 2, out  # each step once: nothing missed, nothing twice
 
 
 def test_errors_are_one_line_with_the_api_message(api: dict[str, str], applied: dict[str, str]) -> None:
