@@ -12,6 +12,9 @@ from .context import CTX, ApiContext
 from .door import DOOR, Door, door_middleware
 from .errors import errors_middleware
 from .routes import add_routes
+from .server import ApiRunner
+
+__all__ = ["ApiRunner", "create_app"]
 
 
 def create_app(context: ApiContext) -> web.Application:

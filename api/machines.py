@@ -1,5 +1,8 @@
 """Machine routes. The token goes to the secret store; events and answers only carry
-``hasToken``. ``check`` calls the agent's health endpoint with the stored token."""
+``hasToken``. ``check`` calls the agent's health endpoint with the stored token and answers only
+the status, the latency and a fixed message, never the remote body. A stored token is only ever
+sent to the URL it was given for: changing the URL needs the token again (or ``"token": null``
+to drop it)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from mlynar_events.store import ConcurrencyConflict
 from projections import queries
 
 from .context import ctx
-from .errors import json_body
+from .errors import BadRequest, json_body
 from .models import MachineCheck, MachineIn, MachineOut, MachineUpdate
 
 
@@ -49,6 +52,10 @@ async def register_machine(request: web.Request) -> web.Response:
         )
     except ConcurrencyConflict:
         raise Conflict(f"machine {body.name!r} already exists") from None
+    except BaseException:
+        if token_ref is not None:  # no machine points at it: leave no orphan secret behind
+            await c.secrets.delete(machine_token_key(body.name))
+        raise
     await c.caught_up(ack.seq)
     return web.json_response((await queries.get_machine(c.db, body.name)), status=201)
 
@@ -58,14 +65,22 @@ async def update_machine(request: web.Request) -> web.Response:
     current = await _machine(request)
     body = MachineUpdate.model_validate(await json_body(request))
     name = current["name"]
+    url = body.url or current["url"]
+    token_given = "token" in body.model_fields_set
+    if url != current["url"] and current["hasToken"] and not token_given:
+        raise BadRequest(f"changing the URL of machine {name!r} needs its token again (or \"token\": null "
+                         "to drop it): the stored token is never sent to another host",
+                         {"url": current["url"], "newUrl": url})
     token_ref = secret_ref(machine_token_key(name)) if current["hasToken"] else None
-    if body.token:
-        token_ref = await c.secrets.put(machine_token_key(name), body.token)
+    if token_given:
+        token_ref = await c.secrets.put(machine_token_key(name), body.token) if body.token else None
     ack = await c.store.append(
-        MachineUpdated(name=name, url=body.url or current["url"],
+        MachineUpdated(name=name, url=url,
                        labels=body.labels if body.labels is not None else current["labels"], token_ref=token_ref),
         actor=f"api:{request.remote}",
     )
+    if token_given and body.token is None:
+        await c.secrets.delete(machine_token_key(name))
     await c.caught_up(ack.seq)
     return web.json_response(await queries.get_machine(c.db, name))
 
@@ -79,20 +94,28 @@ async def delete_machine(request: web.Request) -> web.Response:
     return web.json_response({"deleted": True})
 
 
+CHECK_MESSAGES = {200: "the agent is healthy", 401: "the agent refused the token (none stored?)",
+                  403: "the agent refused the token"}
+
+
 async def check_machine(request: web.Request) -> web.Response:
     c = ctx(request)
     machine = await _machine(request)
-    token = await c.secrets.get(machine_token_key(machine["name"]))
+    name, url = machine["name"], machine["url"]
+    token = await c.secrets.get(machine_token_key(name))
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     timeout = aiohttp.ClientTimeout(total=5)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     try:
         async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(f"{machine['url']}/v1/healthz", headers=headers) as resp:
-                try:
-                    detail = await resp.json(content_type=None)
-                except ValueError:
-                    detail = (await resp.text())[:500]
-                result = MachineCheck(name=machine["name"], ok=resp.status == 200, status=resp.status, detail=detail)
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        result = MachineCheck(name=machine["name"], ok=False, detail=f"{machine['url']}: {exc!r}")
+            # no redirects: the token goes to the registered URL and nowhere else
+            async with session.get(f"{url}/v1/healthz", headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+        latency = round((loop.time() - started) * 1000, 1)
+        detail = CHECK_MESSAGES.get(status, f"{url} answered HTTP {status}, not a healthy machine agent")
+        result = MachineCheck(name=name, ok=status == 200, status=status, latencyMs=latency, detail=detail)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+        reason = "timed out" if isinstance(exc, asyncio.TimeoutError) else f"failed ({type(exc).__name__})"
+        result = MachineCheck(name=name, ok=False, detail=f"connecting to {url} {reason}")
     return web.json_response(result.model_dump(mode="json"))

@@ -3,25 +3,34 @@ The OpenAPI document is generated from these models."""
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from mlynar_events.names import check_dns1123_label
 
+from .hosts import parse_host
+
 Name = Annotated[str, AfterValidator(check_dns1123_label)]
 
 
-def _check_url(v: str) -> str:
-    from urllib.parse import urlsplit
+_AGENT_URL = re.compile(r"^(?P<scheme>https?)://(?P<netloc>[^/?#@\\\s]+)(?P<path>/[A-Za-z0-9._~!$&'()*+,;=:%/-]*)?$")
 
-    parts = urlsplit(v)
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise ValueError("url must be an http(s) URL with a host")
+
+def check_agent_url(v: str) -> str:
+    """The one rule for a machine's URL: ``http(s)://host[:port][/path]`` and nothing else.
+
+    No query or fragment (a URL ending in ``?x=`` or ``#`` would swallow the ``/v1/...`` paths
+    the executor appends and aim them elsewhere), no user info, no whitespace or backslashes.
+    Answers the URL without a trailing slash, so ``{url}/v1/healthz`` is always a sub-path."""
+    m = _AGENT_URL.fullmatch(v) if len(v) <= 2048 else None
+    if m is None or parse_host(m["netloc"]) is None:
+        raise ValueError("url must be http(s)://host[:port][/path], without query, fragment or credentials")
     return v.rstrip("/")
 
 
-AgentUrl = Annotated[str, AfterValidator(_check_url)]
+AgentUrl = Annotated[str, AfterValidator(check_agent_url)]
 
 
 class Model(BaseModel):
@@ -128,10 +137,15 @@ class MachineOut(Model):
 
 
 class MachineCheck(Model):
+    """The outcome of calling a machine agent's health endpoint. Never the agent's body: the
+    URL may point anywhere, and an answer echoed back would make the API a proxy into the
+    network it can reach."""
+
     name: str
     ok: bool
     status: int | None = None
-    detail: Any = None
+    latencyMs: float | None = None
+    detail: str
 
 
 class DataKindOut(Model):

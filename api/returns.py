@@ -27,26 +27,14 @@ from mlynar_events.errors import CommandError, Conflict, NotFound
 from mlynar_events.events import Event, StepOutputReturned
 from mlynar_events.runstate import RunState, StepState, returned_outputs
 
+from .body import BodyClock
 from .context import ApiContext, ctx
-from .errors import BadRequest, CommandTooLarge
+from .errors import BadRequest, CommandTooLarge, int_param
 from .render import blob_response
 from .uploads import safe_filename
 
 log = logging.getLogger("mlynar.api.returns")
 MAX_OUTPUTS = 10_000
-
-
-def _int(request: web.Request, name: str, low: int, high: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        raise BadRequest(f"query parameter {name!r} is required")
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise BadRequest(f"{name} must be between {low} and {high}, got {value}")
-    return value
 
 
 class _Denied(CommandError):
@@ -68,7 +56,7 @@ async def _authenticate(request: web.Request, c: ApiContext) -> tuple[str, str, 
     if not header:
         raise _Denied(401, "missing bearer credential of the step")
     scheme, _, given = header.partition(" ")
-    attempt = _int(request, "attempt", 1, 1000)
+    attempt = int_param(request, "attempt", 1, 1000)
     key = await c.secrets.get_or_create(credentials.KEY_NAME)
     if scheme.lower() != "bearer" or not credentials.verify(key, run_id, step_id, attempt, given):
         raise _Denied(403, f"the credential is not valid for step {step_id!r} attempt {attempt} of run {run_id!r}")
@@ -111,7 +99,7 @@ async def return_output(request: web.Request) -> web.Response:
     c = ctx(request)
     run_id, step_id, attempt, step = await _running_attempt(request, c)
     kind = request.match_info["data_kind"]
-    index = _int(request, "index", 0, MAX_OUTPUTS - 1)
+    index = int_param(request, "index", 0, MAX_OUTPUTS - 1)
     filename = safe_filename(request.query.get("filename"))
     allowed = step.scheduled.spec.possibleOutputKinds
     if kind not in allowed:
@@ -122,7 +110,8 @@ async def return_output(request: web.Request) -> web.Response:
     # a key of its own per upload: a retried upload never overwrites bytes an event points at
     key = f"runs/{run_id}/returns/{step_id}-{attempt}/{index}-{uuid.uuid4().hex[:12]}"
     try:
-        info = await c.blobs.put_stream(key, request.content.iter_chunked(1024 * 1024), max_bytes=c.settings.max_upload_bytes)
+        chunks = BodyClock(request, c.settings).chunks(request.content.iter_chunked(1024 * 1024))
+        info = await c.blobs.put_stream(key, chunks, max_bytes=c.settings.max_upload_bytes)
     except BlobTooLarge:
         raise CommandTooLarge(c.settings.max_upload_bytes) from None
     event = StepOutputReturned(run_id=run_id, step_id=step_id, attempt=attempt, index=index, data_kind=kind,

@@ -11,7 +11,6 @@ import uuid
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from mlynar_events import runs as commands
 from mlynar_events.blobs import BlobTooLarge, unit_key
@@ -22,13 +21,15 @@ from mlynar_events.registry import load_registry
 from projections import queries
 
 from . import events
+from .body import BodyClock
 from .context import ctx
-from .errors import BadRequest, CommandTooLarge, json_body
+from .errors import BadRequest, CommandTooLarge, int_param, json_body
 from .models import RunSummary
 from .render import base_url, blob_response, counts, ok, run_response, step_out, unit_out
-from .uploads import first_file_part, safe_filename
+from .uploads import MULTIPART_ERRORS, file_chunks, first_file_part, safe_filename
 
 log = logging.getLogger("mlynar.api.runs")
+MAX_OFFSET = 2**31
 
 
 def _actor(request: web.Request) -> str:
@@ -53,11 +54,8 @@ async def create_run(request: web.Request) -> web.Response:
 
 async def list_runs(request: web.Request) -> web.Response:
     c = ctx(request)
-    try:
-        limit = min(max(int(request.query.get("limit", 100)), 1), 1000)
-        offset = max(int(request.query.get("offset", 0)), 0)
-    except ValueError:
-        raise BadRequest("limit and offset must be integers") from None
+    limit = int_param(request, "limit", 1, 1000, default=100)
+    offset = int_param(request, "offset", 0, MAX_OFFSET, default=0)
     rows = await queries.list_runs(c.db, limit, offset)
     return web.json_response([
         RunSummary(id=r["id"], status=r["status"], stepCounts=counts(r), createdAt=r["created_at"],
@@ -84,19 +82,15 @@ async def upload(request: web.Request) -> web.Response:
     kinds = {k["name"] for k in await queries.data_kinds(c.db)}
     if kind not in kinds:
         raise NotFound(f"data kind {kind!r} is not declared")
-    part = await first_file_part(request)
+    clock = BodyClock(request, c.settings)
+    reader, part = await first_file_part(request, clock)
     unit_id = str(uuid.uuid4())
     key = unit_key(run_id, unit_id)
-
-    async def chunks():  # type: ignore[no-untyped-def]
-        while chunk := await part.read_chunk(1024 * 1024):
-            yield chunk
-
     try:
-        info = await c.blobs.put_stream(key, chunks(), max_bytes=c.settings.max_upload_bytes)
+        info = await c.blobs.put_stream(key, file_chunks(reader, part, clock), max_bytes=c.settings.max_upload_bytes)
     except BlobTooLarge:
         raise CommandTooLarge(c.settings.max_upload_bytes) from None
-    except (ValueError, AssertionError, HttpProcessingError) as exc:
+    except MULTIPART_ERRORS as exc:
         raise BadRequest("malformed multipart body", str(exc)) from None
     # the bytes are durable before the event that points at them is appended
     event = DataUnitAdded(run_id=run_id, unit_id=unit_id, data_kind=kind, ancestors=[], blob=key,
@@ -132,12 +126,7 @@ async def params(request: web.Request) -> web.Response:
 async def start_run(request: web.Request) -> web.Response:
     c = ctx(request)
     run_id = _run_id(request)
-    try:
-        max_parallel = int(request.query.get("maxParallel", c.settings.max_parallel))
-    except ValueError:
-        raise BadRequest("maxParallel must be an integer") from None
-    if not 1 <= max_parallel <= 10_000:
-        raise BadRequest("maxParallel must be between 1 and 10000")
+    max_parallel = int_param(request, "maxParallel", 1, 10_000, default=c.settings.max_parallel)
     await commands.load_run(c.runs, run_id)  # 404 before reading the body
     pool = commands.parse_param_pool(await json_body(request, required=False), await load_registry(c.store))
     await c.caught_up(await commands.start(c.store, c.runs, run_id, pool, max_parallel, _actor(request)))
@@ -186,12 +175,12 @@ async def _step(request: web.Request) -> dict[str, Any]:
 
 async def step_logs(request: web.Request) -> web.StreamResponse:
     c = ctx(request)
+    wanted = int_param(request, "attempt", 1, 1000, default=0) or None
     step = await _step(request)
     step_id = step["id"]
     attempts = [a for a in step["attempts"] if a["logs_blob"]]
-    wanted = request.query.get("attempt")
     if wanted is not None:
-        attempts = [a for a in attempts if str(a["attempt"]) == wanted]
+        attempts = [a for a in attempts if a["attempt"] == wanted]
     if not attempts:
         raise NotFound(f"no logs for step {step_id!r} yet" + (f" (attempt {wanted})" if wanted else ""))
     return await blob_response(c, attempts[-1]["logs_blob"], f"{step_id}-{attempts[-1]['attempt']}.log",

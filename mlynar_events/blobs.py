@@ -100,8 +100,14 @@ class FileBlobStore:
                     await f.write(chunk)
                 await f.flush()
                 os.fsync(f.fileno())
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            await aiofiles.os.replace(tmp, dest)
+            for attempt in range(3):  # a concurrent delete may prune the fresh directory (_prune)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    await aiofiles.os.replace(tmp, dest)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2 or not tmp.exists():
+                        raise
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -141,6 +147,19 @@ class FileBlobStore:
             await asyncio.to_thread(shutil.rmtree, path, True)
         elif path.is_file():
             path.unlink(missing_ok=True)
+        self._prune(path.parent)
+
+    def _prune(self, directory: Path) -> None:
+        """Remove ``directory`` and its parents up to the root while they are empty, so a write
+        that lost a race with a delete (an upload into a run being deleted) leaves no empty
+        directories behind. A writer that lost its fresh directory this way retries (put_stream)."""
+        while directory != self.root and self.root in directory.parents:
+            try:
+                directory.rmdir()
+            except OSError:  # not empty (or already gone): stop here
+                if directory.exists():
+                    return
+            directory = directory.parent
 
 
 async def _copy(src: Path, dest: Path) -> None:

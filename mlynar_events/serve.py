@@ -253,7 +253,7 @@ class Service:
         log.info("built-in machine 'local' ready", extra={"url": agent.url})
 
     async def _start_api(self, store: EventStore, blobs: FileBlobStore, secrets: SecretStore, serve_http: bool) -> None:
-        from api.app import create_app
+        from api.app import ApiRunner, create_app
         from api.context import ApiContext
         from projections.projector import Projector, open_db
 
@@ -272,7 +272,7 @@ class Service:
         token = s.api_token_file.read_text().strip() if s.api_token_file else None
         app = create_app(ApiContext(store=store, blobs=blobs, secrets=secrets, db=db, projector=projector,
                                     settings=s, api_token=token))
-        runner = web.AppRunner(app, access_log=None)
+        runner = ApiRunner(app)
         await runner.setup()
         self._on_stop(runner.cleanup)
         site = web.TCPSite(runner, s.host, s.port)

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from mlynar_events.secrets import BUCKET
 from mlynar_events.serve import ConfigError, Service
@@ -101,6 +104,25 @@ def _dechunk(data: bytes) -> bytes:
             break
         out, data = out + rest[:size], rest[size + 2:]
     return out
+
+
+async def read_response(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    """One whole response (head and Content-Length body), or what came before the server closed."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = await asyncio.wait_for(reader.read(4096), timeout)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        chunk = await asyncio.wait_for(reader.read(length - len(body)), timeout)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def head_of(method: str, path: str, host: str, extra: str = "") -> bytes:
@@ -260,40 +282,245 @@ async def test_anonymous_only_on_loopback(tmp_path: Path, nats_url: str, make_se
     assert await api.service.store.last_seq() == before_head
 
 
+# ---- finding 4: machines (SSRF) ---------------------------------------------------------------
+
+
+@pytest.fixture
+async def target() -> AsyncIterator["Target"]:
+    """A server standing in for an internal service (or an attacker's host): it records what it
+    was sent and answers with a body that must never come back through the API."""
+    t = Target()
+    runner = web.AppRunner(t.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    t.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield t
+    finally:
+        await runner.cleanup()
+
+
+class Target:
+    SECRET_BODY = "internal-metadata-secret-4711"
+
+    def __init__(self) -> None:
+        self.url = ""
+        self.seen: list[tuple[str, str | None]] = []
+
+    def app(self) -> web.Application:
+        async def anything(request: web.Request) -> web.Response:
+            self.seen.append((request.path_qs, request.headers.get("Authorization")))
+            return web.json_response({"status": "ok", "secret": self.SECRET_BODY})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", anything)
+        return app
+
+
+async def test_machine_urls_cannot_aim_the_check_elsewhere_or_echo_it(api: Api, target: Target) -> None:
+    """A URL ending in ``#`` or ``?x=`` swallowed ``/v1/healthz``, and ``/check`` echoed the
+    target's body: both refused, and the check reports only status, latency and a fixed message."""
+    before = await snapshot(api)
+    for url in (f"{target.url}/latest/meta-data#", f"{target.url}/x?y=", f"{target.url}?", "http://u:p@127.0.0.1:1",
+                f"{target.url}/a b", "gopher://127.0.0.1:70", f"{target.url}\\@evil", f"{target.url}/\n"):
+        status, answer = await api.call("POST", "/api/machines", json={"name": "probe", "url": url, "token": "t" * 20})
+        assert status == 400, f"{url!r}: {status} {answer}"
+        assert "http(s)://host[:port][/path]" in json.dumps(answer), answer
+    assert await snapshot(api) == before and target.seen == []
+    status, machine = await api.call("POST", "/api/machines", json={"name": "probe", "url": target.url + "/agent"})
+    assert status == 201, machine
+    status, check = await api.call("POST", "/api/machines/probe/check")
+    assert status == 200 and check["ok"] is True and check["status"] == 200, check
+    assert Target.SECRET_BODY not in json.dumps(check) and isinstance(check["latencyMs"], float)
+    assert target.seen == [("/agent/v1/healthz", None)]
+
+
+async def test_a_new_machine_url_never_gets_the_stored_token(api: Api, target: Target) -> None:
+    """``PUT`` with only a new ``url`` kept the stored token and sent it to the new host (the
+    ``local`` agent's token was captured that way)."""
+    before = await snapshot(api)
+    status, answer = await api.call("PUT", "/api/machines/local", json={"url": target.url})
+    assert status == 400 and "needs its token again" in answer["error"], answer
+    status, answer = await api.call("PUT", "/api/machines/local", json={"url": target.url, "labels": {"a": "b"}})
+    assert status == 400
+    status, check = await api.call("POST", "/api/machines/local/check")
+    assert status == 200 and check["ok"] is True  # still the real agent, with its token
+    assert await snapshot(api) == before and target.seen == []
+    # giving the URL with "token": null drops the stored token; the new host gets none
+    status, machine = await api.call("PUT", "/api/machines/local", json={"url": target.url, "token": None})
+    assert status == 200 and machine["hasToken"] is False and machine["url"] == target.url, machine
+    assert "machine.local" not in (await snapshot(api)).secrets
+    await api.call("POST", "/api/machines/local/check")
+    assert target.seen == [("/v1/healthz", None)]
+    # and a token given with the new URL is the one that goes there
+    status, machine = await api.call("PUT", "/api/machines/local", json={"url": target.url, "token": "new-token-0123"})
+    assert status == 200 and machine["hasToken"] is True
+    await api.call("POST", "/api/machines/local/check")
+    assert target.seen[-1] == ("/v1/healthz", "Bearer new-token-0123")
+
+
 # ---- finding 5: bodies read whole, whatever the transfer encoding ------------------------------
 
 
+def chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def started_request(api: Api, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A request whose head is sent with ``Expect: 100-continue``, once its handler is running
+    (the 100 Continue says so) and about to read the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(api))
+    writer.write(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+    assert (await read_response(reader)).startswith(b"HTTP/1.1 100 Continue")
+    return reader, writer
+
+
+async def not_answered_yet(reader: asyncio.StreamReader) -> bool:
+    """The server has not answered within a moment (it is still waiting for the body)."""
+    try:
+        await asyncio.wait_for(reader.read(1), PACE)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
 async def test_json_body_in_several_reads_and_chunked_is_read_whole(make_service) -> None:
+    """``json_body`` read only what had arrived at its first read: a valid body arriving in two
+    reads was "malformed JSON", and a chunked body whose first chunk was a whole document got in
+    whatever followed it (20 MiB with a 1 MiB limit was 201)."""
     api = await make_service(max_json_bytes=64 * 1024)
     kind = json.dumps({"apiVersion": "mlynar.dev/v1alpha1", "kind": "DataKind", "metadata": {"name": "split"},
                        "spec": {"displayName": "x" * 20_000}}).encode()
-
+    # with a Content-Length, the second half arriving after the handler's first read
+    reader, writer = await started_request(api, head_of("POST", "/api/data-kinds", "localhost",
+                                                        f"Content-Type: application/json\r\nContent-Length: {len(kind)}\r\n"))
+    writer.write(kind[:1000])
+    await writer.drain()
+    assert await not_answered_yet(reader), "answered before the body was complete"
+    writer.write(kind[1000:])
+    status, _, body = parse_response(await read_response(reader))
+    writer.close()
+    assert status == 201, body
+    # chunked, in many chunks (aiohttp's client streaming a generator)
     async def pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
         for i in range(0, len(data), size):
             yield data[i:i + size]
 
-    # valid JSON in many chunks (Transfer-Encoding: chunked) is accepted
-    status, answer = await api.call("POST", "/api/data-kinds", data=pieces(kind, 1000),
+    status, answer = await api.call("POST", "/api/data-kinds", data=pieces(kind.replace(b'"split"', b'"split2"'), 1000),
                                     headers={"Content-Type": "application/json"})
     assert status == 201, answer
-    # and with a Content-Length, written in several pieces on the socket
-    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(api))
-    other = kind.replace(b'"split"', b'"split2"')
-    writer.write(head_of("POST", "/api/data-kinds", "localhost",
-                         f"Content-Type: application/json\r\nContent-Length: {len(other)}\r\n"))
-    for i in range(0, len(other), 4096):
-        writer.write(other[i:i + 4096])
-        await writer.drain()
-    status, _, body = parse_response(await asyncio.wait_for(reader.read(), 10))
-    writer.close()
-    assert status == 201, body
-    # a chunked body above the limit is 413, however it is cut, and changes nothing
+    # chunked beyond the limit: a whole document first, then 300 kB more, is 413 and changes nothing
     before = await snapshot(api)
-    big = json.dumps({"kind": "DataKind", "metadata": {"name": "big"}, "spec": {"displayName": "y" * 300_000}}).encode()
-    for size in (1000, 64 * 1024, 200_000):
-        status, answer = await api.call("POST", "/api/data-kinds", data=pieces(big, size),
-                                        headers={"Content-Type": "application/json"})
-        assert status == 413 and "larger than 65536 bytes" in answer["error"], (size, status, answer)
+    doc = json.dumps({"kind": "DataKind", "metadata": {"name": "big"}}).encode()
+    reader, writer = await started_request(api, head_of("POST", "/api/data-kinds", "localhost",
+                                                        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"))
+    writer.write(chunk(doc))
+    await writer.drain()
+    assert await not_answered_yet(reader), "answered before the body was complete"
+    for _ in range(30):
+        writer.write(chunk(b" " * 10_000))
+    writer.write(b"0\r\n\r\n")
+    status, _, body = parse_response(await read_response(reader))
+    writer.close()
+    assert status == 413 and b"larger than 65536 bytes" in body, body
+    assert await snapshot(api) == before
+
+
+# ---- finding 8: timeouts and a connection cap -------------------------------------------------
+
+
+async def trickle(api: Api, prefix: bytes, data: bytes, limit: float) -> tuple[float, bytes]:
+    """Send ``prefix`` at once, then ``data`` one byte per PACE seconds until the server answers
+    or closes; return how long that took and what it sent. Fails if it still holds on after
+    ``limit`` seconds."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(api))
+    started = loop.time()
+    try:
+        writer.write(prefix)
+        for byte in data:
+            try:
+                writer.write(bytes([byte]))
+                await writer.drain()
+            except ConnectionError:
+                break
+            try:
+                first = await asyncio.wait_for(reader.read(1), PACE)  # the server's reaction, or the pace
+            except asyncio.TimeoutError:
+                assert loop.time() - started < limit, f"still connected after {limit}s"
+                continue
+            took = loop.time() - started
+            return took, (first + await read_response(reader)) if first else b""
+        return loop.time() - started, await read_response(reader, limit)
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def strict_api(make_service) -> Api:
+    return await make_service(header_timeout=1.5, body_timeout=1.0, body_min_rate=1000)
+
+
+async def test_a_trickled_request_head_is_cut_off(strict_api: Api) -> None:
+    api = strict_api
+    before = await snapshot(api)
+    head = head_of("POST", "/api/run", "localhost", "X-Padding: " + "a" * 200 + "\r\n")
+    took, answer = await trickle(api, b"", head, limit=6)
+    assert answer == b"" and 1.4 < took < 6, (took, answer)  # closed unanswered after --header-timeout
+    assert await snapshot(api) == before
+
+
+async def test_a_trickled_body_is_answered_408(strict_api: Api) -> None:
+    api = strict_api
+    run_id = await api.create_run()
+    before = await snapshot(api)
+    body = json.dumps({"kind": "DataKind", "metadata": {"name": "slow"}}).encode()
+    head = head_of("POST", "/api/data-kinds", "localhost",
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+    took, answer = await trickle(api, head, body, limit=8)
+    status, _, text = parse_response(answer)
+    assert status == 408 and b"arrived too slowly" in text and took < 8, (took, answer)
+    # an upload trickled the same way
+    form = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.json"\r\n\r\n' + b"1," * 100 + b"\r\n--b--\r\n"
+    head = head_of("POST", f"/api/run/{run_id}/upload/{KIND}", "localhost",
+                   f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(form)}\r\n")
+    took, answer = await trickle(api, head + form[:80], form[80:], limit=8)
+    status, _, text = parse_response(answer)
+    assert status == 408 and b"arrived too slowly" in text, answer
+    assert await snapshot(api) == before
+    assert not any((api.service.settings.resolved_blob_dir / ".tmp").iterdir())
+
+
+async def test_connections_beyond_the_cap_are_refused_and_freed_again(make_service) -> None:
+    api = await make_service(max_connections=4)
+    before = await snapshot(api)
+    idle = [await asyncio.open_connection("127.0.0.1", port_of(api)) for _ in range(4)]
+    try:
+        async def refused() -> bytes | None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(api))
+            try:  # answered before it asks anything
+                data = await asyncio.wait_for(read_response(reader), 10)
+            except asyncio.TimeoutError:
+                data = b""
+            finally:
+                writer.close()
+            return data if data.startswith(b"HTTP/1.1 503") else None
+
+        answer = await wait_until(refused, timeout=10, what="a connection beyond the cap to be refused")
+        assert b"too many open connections" in answer
+    finally:
+        for _, writer in idle:
+            writer.close()
+
+    async def served() -> bool:
+        try:
+            status, _, _ = await raw(api, head_of("GET", "/api/runs", "localhost"))
+        except ConnectionResetError:  # refused while the closed ones are still being counted
+            return False
+        return status == 200
+
+    await wait_until(served, timeout=10, what="the freed connections to be usable again")
     assert await snapshot(api) == before
 
 
@@ -339,3 +566,95 @@ async def test_unencodable_text_is_400_before_anything_is_written(api: Api) -> N
         assert status == 400 and answer["error"] == "malformed JSON", (text[:20], answer)
     after = await snapshot(api)
     assert after == before and not any(k.startswith("machine.m") for k in after.secrets)
+
+
+async def test_integer_parameters_are_bounded(api: Api) -> None:
+    run_id = await api.create_run()
+    before = await snapshot(api)
+    for path in ("/api/runs?offset=9223372036854775808", "/api/runs?offset=-1", "/api/runs?limit=0",
+                 "/api/runs?limit=99999999999999999999999", "/api/runs?limit=1e3", "/api/runs?offset=%201",
+                 f"/api/run/{run_id}/steps/x/logs?attempt=99999999999999999999"):
+        status, answer = await api.call("GET", path)
+        assert status == 400 and ("must be" in answer["error"]), f"{path}: {status} {answer}"
+    for query in ("maxParallel=9223372036854775808", "maxParallel=0", "maxParallel=%E2%91%A0"):
+        status, answer = await api.call("POST", f"/api/run/{run_id}/run?{query}")
+        assert status == 400 and "maxParallel must be" in answer["error"], (query, answer)
+    assert await snapshot(api) == before
+    assert (await api.call("GET", "/api/runs?offset=2147483648&limit=1000"))[1] == []
+
+
+async def test_multipart_without_its_closing_boundary_stores_nothing(api: Api) -> None:
+    run_id = await api.create_run()
+    before = await snapshot(api)
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.json"\r\n\r\n[1,2,3]'
+    for body in (part, part + b"\r\n", part + b"\r\n--b", part + b"\r\n--b\r\n", part + b"\r\n--bx--\r\n"):
+        head = head_of("POST", f"/api/run/{run_id}/upload/{KIND}", "localhost",
+                       f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n")
+        status, _, text = await raw(api, head, body)
+        assert status == 400 and b"malformed multipart body" in text, (body[-12:], status, text)
+    assert await snapshot(api) == before
+    assert (await api.run(run_id))["dataPool"] == []
+    status, _, text = await raw(api, head_of("POST", f"/api/run/{run_id}/upload/{KIND}", "localhost",
+                                             "Content-Type: multipart/form-data; boundary=b\r\n"
+                                             f"Content-Length: {len(part) + 9}\r\n"), part + b"\r\n--b--\r\n")
+    assert status == 201, text  # the same body with its closing boundary is a unit
+
+
+async def test_client_disconnects_are_not_errors(api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that goes away mid-body was logged as a 500 with a traceback."""
+    run_id = await api.create_run()
+    before = await snapshot(api)
+    caplog.set_level(logging.INFO)
+    uploads = f"/api/run/{run_id}/upload/{KIND}"
+    for path, ctype, body in ((uploads, "multipart/form-data; boundary=b",
+                               b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n[1,'),
+                              ("/api/data-kinds", "application/json", b'{"metadata": {"na')):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(api))
+        writer.write(head_of("POST", path, "localhost", f"Content-Type: {ctype}\r\nContent-Length: 100000\r\n"
+                                                         "Expect: 100-continue\r\n"))
+        # the 100 Continue says the request reached its handler, which then reads the body
+        assert (await read_response(reader)).startswith(b"HTTP/1.1 100 Continue")
+        writer.write(body)
+        await writer.drain()
+        writer.close()
+        await wait_until(lambda: _disconnect_logged(caplog, path), what=f"the disconnect from {path} to be noticed")
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    assert await snapshot(api) == before
+    assert not any((api.service.settings.resolved_blob_dir / ".tmp").iterdir())
+
+
+async def _disconnect_logged(caplog: pytest.LogCaptureFixture, path: str) -> bool:
+    return any(r.getMessage() == "client disconnected" and getattr(r, "path", None) == path for r in caplog.records)
+
+
+async def test_delete_racing_uploads_leaves_no_empty_directories(api: Api) -> None:
+    root = api.service.settings.resolved_blob_dir
+    for _ in range(3):
+        run_id = await api.create_run()
+        release = asyncio.Event()
+
+        async def body() -> AsyncIterator[bytes]:
+            yield b"[1,"
+            await release.wait()
+            yield b"2]"
+
+        async def held_upload() -> tuple[int, Any]:
+            form = aiohttp.FormData()
+            form.add_field("file", body(), filename="x.json", content_type="application/octet-stream")
+            return await api.call("POST", f"/api/run/{run_id}/upload/{KIND}", data=form)
+
+        uploads = [asyncio.ensure_future(held_upload()) for _ in range(3)]
+        await wait_until(lambda: _tmp_files(root, 3), what="the uploads to be streaming")
+        status, answer = await api.call("DELETE", f"/api/run/{run_id}")
+        assert status == 200, answer
+        release.set()
+        results = await asyncio.gather(*uploads)
+        assert all(status in (404, 409) for status, _ in results), results
+        assert not (root / "runs" / run_id).exists(), sorted(str(p) for p in (root / "runs").rglob("*"))
+        status, answer = await api.call("GET", f"/api/run/{run_id}")
+        assert status == 404
+
+
+async def _tmp_files(root: Path, n: int) -> bool:
+    return len(list((root / ".tmp").iterdir())) >= n
