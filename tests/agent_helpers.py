@@ -132,3 +132,27 @@ def pid_gone(pid: int) -> bool:
         except ProcessLookupError:
             return True
         return False
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids (in this PID namespace) of live processes whose command line contains ``marker``:
+    finds a step's processes wherever they went (another session, re-parented, a PID namespace)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if marker.encode() in cmdline and not pid_gone(int(name)):
+            found.append(int(name))
+    return found
+
+
+def bwrap_works() -> bool:
+    """Whether Bubblewrap is installed here (CI installs it; .ci/run)."""
+    import shutil
+
+    return shutil.which("bwrap") is not None

@@ -2,8 +2,11 @@
 runs steps, nothing else. See docs/ARCHITECTURE.md ("Roles") and :mod:`executors.agent.app` for the protocol.
 
 Modules: :mod:`.models` (wire models), :mod:`.settings` (configuration), :mod:`.sandbox` (on-disk
-layout), :mod:`.runner` (process groups, timeouts, outputs), :mod:`.app` (HTTP API and
-:func:`start_agent`), :mod:`.cli` (flags and ``main``).
+layout, checked file access), :mod:`.allow` (what a step may run), :mod:`.isolation` (sandbox
+view, user, limits, killing a step's process tree; :mod:`.shim` anchors a tree without bwrap),
+:mod:`.scrub` (the token out of /proc), :mod:`.runner` (steps, timeouts, outputs, restarts),
+:mod:`.app` (HTTP API and :func:`start_agent`), :mod:`.cli` (flags and ``main``). What the isolation
+does and does not guarantee: docs/AGENT.md.
 """
 
 from __future__ import annotations

@@ -293,6 +293,7 @@ async def get_step(request: web.Request) -> web.Response:
     step = _existing(request, step_id)
     if wait is not None and not step.done.is_set():
         manager = request.app[MANAGER]
+        log.debug("step %s: long-poll for up to %g s", step_id, wait, extra={"step_id": step_id})
         waiters = [asyncio.ensure_future(step.done.wait()), asyncio.ensure_future(manager.stopping.wait())]
         try:
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 import pwd
@@ -54,7 +53,7 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_NO_NEW_PRIVS = 38
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process image: libc is in it (find_library would spawn ldconfig)
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
@@ -147,6 +146,13 @@ def _run_as(settings: AgentSettings) -> RunAs | None:
     return RunAs(pw.pw_name, pw.pw_uid, pw.pw_gid)
 
 
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a passwd entry (containers)
+        return str(uid)
+
+
 def _searchable_by(path: Path, who: RunAs) -> Path | None:
     """The first directory on ``path`` (from ``/``) that ``who`` cannot traverse, or ``None``."""
     for d in [*reversed(path.parents), path]:
@@ -160,6 +166,17 @@ def _searchable_by(path: Path, who: RunAs) -> Path | None:
         if not ok:
             return d
     return None
+
+
+def _parents(p: Path) -> list[str]:
+    """bwrap arguments creating the missing parents of a mount point ``p`` traversable: bwrap
+    itself would create them 0700 (root's when the agent is root) and a step running as another
+    user could not reach what is mounted there. Parents that exist in the view are left as
+    they are."""
+    argv: list[str] = []
+    for parent in list(reversed(p.parents))[1:]:
+        argv += ["--perms", "0711", "--dir", str(parent)]
+    return argv
 
 
 # --- the isolation ----------------------------------------------------------------------------
@@ -218,8 +235,8 @@ class Isolation:
                 iso.reason = problem
         if iso.mode == "none":
             if run_as is not None:
-                blocked = _searchable_by(work_dir, run_as)
-                if blocked is not None and blocked not in (work_dir, work_dir / "steps"):
+                blocked = _searchable_by(work_dir.parent, run_as)
+                if blocked is not None:
                     raise AgentConfigError(
                         f"steps run as {run_as.name!r} without a sandbox, and cannot reach --work-dir "
                         f"{str(work_dir)!r}: {str(blocked)!r} is not searchable by them; choose a work dir "
@@ -259,7 +276,7 @@ class Isolation:
         return {
             "isolation": self.mode,
             "isolationReason": self.reason,
-            "runAs": self.run_as.name if self.run_as else pwd.getpwuid(os.geteuid()).pw_name,
+            "runAs": self.run_as.name if self.run_as else _user_name(os.geteuid()),
             "limits": self.limits.public(),
             "read": [str(p) for p in self.reads],
             "write": [str(p) for p in self.writes],
@@ -311,18 +328,15 @@ class Isolation:
                 shown.append(Path(d))
         argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
         for p in self.reads:
-            argv += ["--ro-bind", str(p), str(p)]
+            argv += [*_parents(p), "--ro-bind", str(p), str(p)]
         for p in self.writes:
-            argv += ["--bind", str(p), str(p)]
+            argv += [*_parents(p), "--bind", str(p), str(p)]
         shown += self.reads + self.writes
         for h in self.hidden:  # the agent's own files are masked wherever a grant would show them
             if any(h.is_relative_to(s) for s in shown) and h.exists():
-                argv += ["--tmpfs", str(h)] if h.is_dir() else ["--ro-bind", "/dev/null", str(h)]
-        for parent in list(reversed(sdir.root.parents))[1:]:
-            # bwrap would create the sandbox's missing parents 0700 (root's): the step could not reach it
-            argv += ["--perms", "0711", "--dir", str(parent)]
+                argv += ["--tmpfs", str(h)] if h.is_dir() else ["--ro-bind", str(self._empty_file()), str(h)]
         root = str(sdir.root)
-        argv += ["--ro-bind", root, root, "--bind", str(sdir.work), str(sdir.work),
+        argv += [*_parents(sdir.root), "--ro-bind", root, root, "--bind", str(sdir.work), str(sdir.work),
                  "--bind", str(sdir.out), str(sdir.out), "--chdir", str(sdir.work)]
         if self.run_as is not None:
             assert self.setpriv is not None
@@ -331,6 +345,14 @@ class Isolation:
         elif os.geteuid() == 0:
             argv += ["--cap-drop", "ALL"]
         return argv + ["--", *command]
+
+    def _empty_file(self) -> Path:
+        """An empty read-only file that stands in for a hidden file (``/dev/null`` would need a
+        device mount)."""
+        empty = self.hidden[0] / "empty"
+        if not empty.exists():
+            empty.touch(0o444)
+        return empty
 
     def _preexec(self, agent_pid: int):
         """Runs in the child between fork and exec: die with the agent, then the limits."""

@@ -24,7 +24,8 @@ INPUT_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 StepStateName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
-#: Variables the agent always sets itself; a manifest may override PATH/HOME/LANG but never this.
+#: Variables the agent always sets itself; a manifest may override HOME/LANG but never this (nor
+#: PATH and the loader variables, which the command policy refuses: executors/agent/allow.py).
 RESERVED_ENV = frozenset({"MLYNAR_OUTPUT_DIR"})
 
 

@@ -382,6 +382,8 @@ class StepManager:
     async def _run(self, step: Step, command: Command) -> None:
         try:
             async with self._slots:
+                if self.stopping.is_set():  # a slot freed by the stop itself: stay queued for the next start
+                    return
                 await self._execute(step, command)
         except asyncio.CancelledError:
             if not step.status.terminal and not self.stopping.is_set():

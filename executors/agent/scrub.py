@@ -12,7 +12,6 @@ own user cannot read them. Linux only; elsewhere only ``os.environ`` is cleaned.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import sys
@@ -62,5 +61,5 @@ def hide_token(token: str | None, env_var: str = "MLYNAR_TOKEN") -> None:
         else:
             if n:
                 log.info("the token was removed from the agent's start-up arguments/environment (%d copies)", n)
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
