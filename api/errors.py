@@ -88,8 +88,9 @@ def check_json_value(value: Any, max_depth: int = MAX_JSON_DEPTH) -> None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError as exc:
+                near = item[max(exc.start - 8, 0):exc.end + 8].encode("utf-8", "backslashreplace").decode()
                 raise BadRequest("the JSON body contains text that is not valid Unicode (a lone surrogate)",
-                                 {"text": item[max(exc.start - 8, 0):exc.end + 8]}) from None
+                                 {"near": near}) from None
         elif isinstance(item, (dict, list)):
             if depth > max_depth:
                 raise BadRequest(f"the JSON body is nested deeper than {max_depth} levels")
