@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from mlynar_events.lineage import Lineage, Provenance
 
-from . import events, lineage, machines, registry, returns, runs
+from . import events, lineage, machines, registry, returns, runs, ui
 from .context import ctx
 from .models import (
     Declared, Deleted, DataKindOut, DataUnitOut, Health, MachineCheck, MachineIn, MachineOut,
@@ -78,6 +78,12 @@ ROUTES: list[Route] = [
     Route("GET", "/healthz", healthz, "Liveness and the projection's position", response=Health,
           access=Access.PUBLIC),
     Route("GET", "/api/openapi.json", openapi, "This document", access=Access.PUBLIC),
+    # the web view's static shell holds no data (its data calls are ordinary API calls with the token)
+    Route("GET", "/ui", ui.ui_redirect, "The web view (redirects to /ui/)", access=Access.PUBLIC),
+    Route("GET", "/ui/", ui.ui_index, "The web view's page", access=Access.PUBLIC),
+    Route("GET", "/ui/{name}", ui.ui_file, "A file of the web view", errors=(404,), access=Access.PUBLIC),
+    Route("GET", "/ui/vendor/{name}", ui.ui_vendor_file, "A vendored library of the web view", errors=(404,),
+          access=Access.PUBLIC),
     Route("GET", "/api/runs", runs.list_runs, "List runs, newest first", response=list[RunSummary],
           query=(("limit", "integer"), ("offset", "integer"))),
     Route("POST", "/api/run", runs.create_run, "Create an empty run", response=RunOut),

@@ -63,6 +63,7 @@ async def run_example(base: str, token: str | None, timeout: float = 120.0) -> i
             content = await r.text()
         say(f"[example] average ({averages[0]['url']}):")
         say(content)
+        say(f"[example] web view: {base}/ui/ (this run: {base}/ui/#/run/{run_id})")
         return 0
 
 

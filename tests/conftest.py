@@ -17,6 +17,10 @@ from mlynar_events.store import EventStore
 from kube_fake import TEST_NAMESPACE, FakeKube
 from support import Api, service_settings
 
+# where tests leave files for a human to look at (the web view's screenshots); read before the
+# MLYNAR_* variables are cleared, since it configures the tests, not the service
+ARTIFACTS = os.environ.get("MLYNAR_ARTIFACTS")
+
 # tests run with no MLYNAR_* variable of the developer's shell leaking into settings
 for _k in [k for k in os.environ if k.startswith("MLYNAR_")]:
     del os.environ[_k]
@@ -75,3 +79,13 @@ async def fake(tmp_path: Path) -> AsyncIterator[FakeKube]:
         yield f
     finally:
         await f.stop()
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A directory for a test's artifacts: ``$MLYNAR_ARTIFACTS/<test name>`` when set (kept after
+    the run, for a human to look at), else one under the test's ``tmp_path``."""
+    base = Path(ARTIFACTS) if ARTIFACTS else tmp_path / "artifacts"
+    path = base / request.node.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
