@@ -166,7 +166,7 @@ async def test_a_failed_step_shows_its_failure(api: Api, page: Page, shot: Shot)
     await expect(page.locator('#lineage [data-node-type="step"]')).to_have_attribute("data-status", "failure")
     await expect(page.locator("#run-summary")).to_contain_text("1 failed")
     await shot("failed-step")
-    await row.get_by_role("button", name="Logs").click()
+    await page.locator('#lineage [data-node-type="step"]').click()  # a step of the graph opens its logs too
     await expect(page.locator("#logs-panel .error")).to_contain_text("exit code 3")
     await expect(page.locator("#logs-text")).to_contain_text("fail: refusing to process")
     await shot("failed-step-logs")
@@ -233,6 +233,9 @@ async def test_a_token_protected_service_asks_for_the_token(
     await page.reload()  # the token is kept for the tab
     await expect(page.locator("#lineage [data-node-id]")).to_have_count(7)
     await shot("signed-in-run")
+    await page.get_by_role("button", name="Terminate").click()
+    await expect(page.locator("#run-summary .badge")).to_have_text("terminated")
+    await expect(page.get_by_role("button", name="Terminate")).to_be_disabled()
     await page.get_by_role("button", name="Sign out").click()
     await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
 

@@ -229,7 +229,7 @@ async function runsPage(query) {
   // the position first: whatever happens after it is either in the list or comes as an event
   const position = await streamPosition();
   await render();
-  const refresh = debounced(() => render().catch(() => {}), 200);
+  const refresh = debounced(() => render().catch(() => {}), 500);
   if (position !== null) {
     leave.push(follow(`/api/events?${LIST_EVENTS.map((t) => `type=${t}`).join("&")}`, refresh, { after: position }));
   }
@@ -313,7 +313,8 @@ async function runPage(runId) {
 
   const stepById = (id) => current.steps.find((s) => s.id === id);
 
-  async function showLogs(stepId) {
+  // focus: move the keyboard focus to the panel (when the user opened it, not on a live update)
+  async function showLogs(stepId, focus = true) {
     const step = stepById(stepId);
     if (!step) return;
     openStep = stepId;
@@ -334,7 +335,7 @@ async function runPage(runId) {
       pre.textContent = e instanceof ApiError && e.status === 404
         ? `No logs yet (${e.message}).` : `Could not read the logs: ${e.message}`;
     }
-    close.focus();
+    if (focus) close.focus();
   }
 
   function renderSummary(r) {
@@ -361,7 +362,7 @@ async function runPage(runId) {
         h("td", {}, String(s.revision)),
         h("td", {}, String(s.attempt)),
         h("td", {}, s.target || "–"),
-        h("td", {}, duration(s)),
+        h("td", { class: "duration" }, duration(s)),
         h("td", { class: "error" }, s.error || ""),
         h("td", {}, h("button", { type: "button", class: "logs", onclick: () => act(() => showLogs(s.id)) }, "Logs")))),
       { id: "steps-table" }));
@@ -439,7 +440,7 @@ async function runPage(runId) {
     renderAll(r, lineage);
     if (withParams) await renderParams();
     const after = openStep && stepById(openStep);
-    if (before && after && before.status !== after.status) await showLogs(openStep);
+    if (before && after && before.status !== after.status) await showLogs(openStep, false);
   }
   function refresh(withParams = false) {
     const done = queue.then(() => load(withParams));
@@ -469,9 +470,12 @@ async function runPage(runId) {
     }
     live();
   }, { after: current.version }));
-  // a running step's duration keeps counting
+  // a running step's duration keeps counting (only that cell changes: a button being clicked stays)
   const tick = setInterval(() => {
-    if (current.steps.some((s) => s.status === "running")) renderSteps(current);
+    for (const s of current.steps.filter((x) => x.status === "running")) {
+      const cell = steps.querySelector(`tr[data-step-id="${s.id}"] td.duration`);
+      if (cell) cell.textContent = duration(s);
+    }
   }, 1000);
   leave.push(() => clearInterval(tick));
 }
