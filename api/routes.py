@@ -12,8 +12,9 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from mlynar_events.lineage import Lineage, Provenance
+from mlynar_events.webhooks import DeliveryAttempt
 
-from . import events, lineage, machines, registry, returns, runs, ui
+from . import events, lineage, machines, registry, returns, runs, ui, webhooks
 from .context import ctx
 from .models import (
     Declared, Deleted, DataKindOut, DataUnitOut, Health, MachineCheck, MachineIn, MachineOut,
@@ -74,6 +75,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 RUN = "/api/run/{run_id}"
+WEBHOOK = "/api/webhooks/{webhook_id}"
 ROUTES: list[Route] = [
     Route("GET", "/healthz", healthz, "Liveness and the projection's position", response=Health,
           access=Access.PUBLIC),
@@ -147,6 +149,18 @@ ROUTES: list[Route] = [
           errors=(404,)),
     Route("POST", "/api/machines/{name}/check", machines.check_machine, "Call the machine agent's health endpoint",
           response=MachineCheck, errors=(404,)),
+    Route("GET", "/api/webhooks", webhooks.list_webhooks, "Webhooks", response=list[webhooks.WebhookOut]),
+    Route("POST", "/api/webhooks", webhooks.create_webhook, "Subscribe a URL to events (answers its secret, once)",
+          body=webhooks.WebhookIn, response=webhooks.WebhookWithSecret, errors=(400,)),
+    Route("GET", WEBHOOK, webhooks.get_webhook, "One webhook", response=webhooks.WebhookOut, errors=(404,)),
+    Route("DELETE", WEBHOOK, webhooks.delete_webhook, "Delete a webhook", response=Deleted, errors=(404,)),
+    Route("GET", WEBHOOK + "/deliveries", webhooks.list_deliveries, "Its last delivery attempts, newest first",
+          response=list[DeliveryAttempt], errors=(404,)),
+    Route("POST", WEBHOOK + "/rotate-secret", webhooks.rotate_secret,
+          "A new signing secret; the old one still signs for the grace period", body=webhooks.RotateIn,
+          response=webhooks.RotatedSecret, errors=(400, 404, 409)),
+    Route("POST", WEBHOOK + "/enable", webhooks.enable_webhook, "Deliver again to a failing webhook",
+          response=webhooks.WebhookOut, errors=(404,)),
 ]
 
 

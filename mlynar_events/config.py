@@ -151,6 +151,8 @@ class ApiSettings(SettingsGroup):
     body_min_rate: int
     max_connections: int
     sse_heartbeat: float
+    webhook_allow_private: bool
+    webhook_rotation_grace: float
 
 
 class SolverSettings(SettingsGroup):
@@ -182,7 +184,21 @@ class KubeSettings(SettingsGroup):
     api_url: str
 
 
-GROUPS: tuple[type[SettingsGroup], ...] = (StoreSettings, ApiSettings, SolverSettings, ExecutorSettings, KubeSettings)
+class WebhookSettings(SettingsGroup):
+    """How the webhook dispatcher delivers (``--webhook-*``). What the API decides when it
+    accepts a webhook or rotates its secret (``webhook_allow_private``, ``webhook_rotation_grace``)
+    is the API's; the dispatcher follows the events, and is given the SSRF rule by the wiring."""
+
+    FLAG_PREFIX: ClassVar[str] = "webhook_"
+    retry_base: float
+    retry_cap: float
+    max_failures: int
+    timeout: float
+    ack_wait: float
+
+
+GROUPS: tuple[type[SettingsGroup], ...] = (StoreSettings, ApiSettings, SolverSettings, ExecutorSettings, KubeSettings,
+                                           WebhookSettings)
 
 PROCESS_FIELDS = frozenset({"data_dir", "registry", "roles", "blob_dir", "db_path", "local_machine", "log_level", "log_format"})
 """Serve fields that belong to the process wiring itself (``serve.py``), not to one role."""
@@ -192,7 +208,7 @@ class ServeSettings(BaseModel):
     """Settings of ``mlynar serve``. Every field is a flag and a variable (``--max-parallel``,
     ``MLYNAR_MAX_PARALLEL``), derived from the field by :func:`add_serve_flags`: its annotation
     gives the flag's type, its ``description`` the help. Roles are given one group each
-    (:attr:`api`, :attr:`store`, :attr:`solver`, :attr:`executor`, :attr:`kube`)."""
+    (:attr:`api`, :attr:`store`, :attr:`solver`, :attr:`executor`, :attr:`kube`, :attr:`webhook`)."""
 
     data_dir: Path = Field(Path(".mlynar"), description="where JetStream data, blobs, the projection database and secrets live")
     nats_url: str | None = Field(None, description="use this NATS server (or comma-separated servers of a cluster) instead of starting the embedded one")
@@ -209,7 +225,7 @@ class ServeSettings(BaseModel):
     host: str = Field("127.0.0.1", description="address the REST API listens on")
     port: int = Field(3000, description="port of the REST API")
     registry: list[Path] = Field(default_factory=list, description="a YAML file or directory of DataKind/Operator documents to declare at start")
-    roles: list[str] = Field(default_factory=lambda: ["api", "projector", "solver", "executor"], description="comma-separated roles this process hosts: api,projector,solver,executor,crd-sync")
+    roles: list[str] = Field(default_factory=lambda: ["api", "projector", "solver", "executor", "webhooks"], description="comma-separated roles this process hosts: api,projector,solver,executor,webhooks,crd-sync")
     blob_dir: Path | None = Field(None, description="file blob store directory (default DATA_DIR/blobs)")
     db_path: Path | None = Field(None, description="projection SQLite file (default DATA_DIR/projections.sqlite3)")
     max_upload_bytes: int = Field(4 * 1024**3, description="largest accepted upload (413 above)")
@@ -232,6 +248,14 @@ class ServeSettings(BaseModel):
     body_min_rate: int = Field(1024, description="bytes per second a request body must average after --body-timeout")
     max_connections: int = Field(512, description="open connections the API accepts at once (more are answered 503 and closed)")
     sse_heartbeat: float = Field(15.0, gt=0, description="seconds between keep-alive comments on an idle event stream (/api/events)")
+    # webhooks
+    webhook_allow_private: bool = Field(False, description="accept webhook targets on private, loopback or link-local addresses although the API is not loopback-only (give it to every API and webhooks replica)")
+    webhook_retry_base: float = Field(1.0, description="seconds before the first retry of a failed webhook delivery (doubling each time)")
+    webhook_retry_cap: float = Field(300.0, description="longest wait in seconds between retries of a webhook delivery")
+    webhook_max_failures: int = Field(20, description="consecutive failed deliveries after which a webhook is marked failing and stops until re-enabled")
+    webhook_timeout: float = Field(10.0, description="seconds one webhook POST may take")
+    webhook_ack_wait: float = Field(30.0, description="seconds without a heartbeat before a delivery held by a dead dispatcher is taken over")
+    webhook_rotation_grace: float = Field(86400.0, description="seconds the previous webhook secret still signs after a rotation")
     # Kubernetes executor
     kube_namespace: str = Field("default", description="namespace of step Jobs and watched CRDs")
     kube_config: Path | None = Field(None, description="kubeconfig file for the Kubernetes executor")
@@ -264,6 +288,10 @@ class ServeSettings(BaseModel):
         return KubeSettings.of(self)
 
     @property
+    def webhook(self) -> WebhookSettings:
+        return WebhookSettings.of(self)
+
+    @property
     def resolved_blob_dir(self) -> Path:
         return self.blob_dir or self.data_dir / "blobs"
 
@@ -275,7 +303,7 @@ class ServeSettings(BaseModel):
 from .netaddr import is_loopback  # noqa: E402,F401  (one rule; serve imports it from here)
 
 
-ALL_ROLES = ("api", "projector", "solver", "executor", "crd-sync")
+ALL_ROLES = ("api", "projector", "solver", "executor", "webhooks", "crd-sync")
 
 
 def _roles(text: str) -> list[str]:

@@ -203,6 +203,8 @@ class Service:
             await self._start_executor(store, blobs, secrets)
         if "crd-sync" in roles:
             await self._start_crd_sync(store)
+        if "webhooks" in roles:
+            await self._start_webhooks(store, secrets)
         log.info("mlynar serving", extra={"roles": ",".join(sorted(roles)), "nats": url, "api": self.api_url})
 
     async def _host(self, name: str, role: Role) -> None:
@@ -306,6 +308,14 @@ class Service:
         backend = await KubernetesBackend.create(s.kube, secrets, store, blobs)
         self._on_stop(backend.close)
         return backend
+
+    async def _start_webhooks(self, store: EventStore, secrets: SecretStore) -> None:
+        from integrations.webhooks import WebhookDispatcher
+
+        from .webhooks import private_targets_allowed
+
+        await self._host("webhooks", WebhookDispatcher(store, secrets, self.settings.webhook,
+                                                       allow_private=private_targets_allowed(self.settings.api)))
 
     async def _start_crd_sync(self, store: EventStore) -> None:
         from executors.kubernetes.crd_sync import CrdSync

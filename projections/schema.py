@@ -1,7 +1,7 @@
 """The read views' SQLite schema. Bump ``SCHEMA_VERSION`` when it changes: a database of another
 version is rebuilt from the stream (projections are disposable, the stream is the truth)."""
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,6 +71,13 @@ CREATE TABLE IF NOT EXISTS machines (
     name TEXT PRIMARY KEY, url TEXT NOT NULL, labels TEXT NOT NULL, has_token INTEGER NOT NULL,
     registered_at TEXT NOT NULL, updated_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS webhooks (
+    id TEXT PRIMARY KEY, url TEXT NOT NULL, types TEXT NOT NULL, runs TEXT NOT NULL, description TEXT NOT NULL,
+    status TEXT NOT NULL, secret_ref TEXT NOT NULL, previous_secret_ref TEXT, grace_until TEXT,
+    secret_rotated_at TEXT, failing_since TEXT, last_error TEXT, created_seq INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL
+);
 """
 
-VIEW_TABLES = ("runs", "data_units", "steps", "step_attempts", "data_kinds", "operators", "machines")
+VIEW_TABLES = ("runs", "data_units", "steps", "step_attempts", "data_kinds", "operators", "machines", "webhooks")

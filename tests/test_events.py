@@ -26,6 +26,7 @@ ROLES = [
     ("executors.worker", "StepWorker"),
     ("executors.machine", "MachineDirectory"),
     ("executors.kubernetes.crd_sync", "CrdSync"),
+    ("integrations.webhooks", "WebhookDispatcher"),
 ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("mlynar_events", "api", "projections", "executors", "client")
+PACKAGES = ("mlynar_events", "api", "projections", "executors", "integrations", "client")
 
 # package -> the packages of ours it may import (besides itself)
 MAY_IMPORT: dict[str, set[str]] = {
@@ -18,6 +18,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "api": {"mlynar_events", "projections"},
     "projections": {"mlynar_events"},
     "executors": {"mlynar_events"},
+    "integrations": {"mlynar_events"},
     "client": {"mlynar_events"},  # and only its pure parts: CLIENT_MAY_USE
 }
 # the one place that starts the roles side by side, and the command line

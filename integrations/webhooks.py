@@ -1,0 +1,371 @@
+"""The webhook dispatcher: POSTs every event a webhook subscribed to, as a signed CloudEvent.
+
+Why it is built this way:
+
+* **At least once, in order, across outages and restarts.** Each webhook has its own durable
+  JetStream consumer (:func:`mlynar_events.webhooks.consumer_name`), filtered by its
+  types/runs, starting right after the webhook's ``WebhookCreated``, with explicit acks and
+  ``max_ack_pending=1``: the server hands out the next event only after the previous one was
+  acked, so delivery is serial per webhook even with several dispatcher replicas, and the
+  position survives anything because it is the server's. An event is acked only after a 2xx.
+  While it is being retried its message is held (``in_progress`` heartbeats, so another
+  replica does not take it over); a dispatcher that stops hands it back at once (a nak), one
+  that dies loses it to ``--webhook-ack-wait``. A receiver may see an event twice (the same
+  ``webhook-id``, e.g. when an ack was lost), never out of order and never missing.
+* **Failing.** Retries back off exponentially up to ``--webhook-retry-cap``; after
+  ``--webhook-max-failures`` consecutive failures the dispatcher appends ``WebhookDisabled`` and
+  stops pulling. The failed event stays unacked in the consumer, so ``WebhookEnabled`` resumes
+  exactly there. (The count of consecutive failures starts again when a dispatcher restarts.)
+* **SSRF.** The target is checked again before every attempt, and the HTTP client connects only
+  to addresses that pass (:class:`mlynar_events.webhooks.GuardedResolver`); redirects are not
+  followed, proxies from the environment are not used.
+* **What it records.** The last attempts per webhook go to the KV bucket
+  ``mlynar-webhook-deliveries``, where the API reads them: the roles meet on NATS only.
+
+The dispatcher folds the webhook events from sequence 1 and keeps one delivery task per active
+webhook; a deleted webhook's consumer and records are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import aiohttp
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+from nats.js.errors import APIError, NotFoundError
+from nats.js.kv import KeyValue
+
+from mlynar_events.cloudevents import CONTENT_TYPE, cloudevent_json
+from mlynar_events.config import WebhookSettings
+from mlynar_events.events import (
+    STREAM, StoredEvent, WebhookCreated, WebhookDeleted, WebhookDisabled, WebhookEnabled,
+    WebhookSecretRotated, subject_filters,
+)
+from mlynar_events.secrets import SecretStore
+from mlynar_events.store import EventStore, decode
+from mlynar_events.tasks import cancel_and_wait
+from mlynar_events.webhooks import (
+    KEPT_DELIVERIES, DeliveryAttempt, GuardedResolver, WebhookRuleError, check_target, consumer_name,
+    deliveries_bucket, deliveries_json, delivery_filters, read_deliveries, signature,
+)
+
+log = logging.getLogger("mlynar.webhooks")
+
+ACTOR = "webhooks"
+DISABLED_IDS = uuid.UUID("0d7c2a4e-31f5-4c43-9a57-5c1b1d7e6f21")
+FETCH_WAIT = 5.0
+"""Seconds one pull request waits on the server for the next event (it returns at once when
+one arrives; this only bounds how often an idle webhook's task wakes up)."""
+
+
+@dataclass
+class Hook:
+    """A webhook as folded from its events; the delivery task reads it live (a rotation takes
+    effect at the next attempt)."""
+
+    id: str
+    url: str
+    filters: list[str]
+    start_seq: int
+    secret_ref: str
+    epoch: int
+    """Sequence of its creation or last enabling: names the one disable decision per epoch."""
+    previous_ref: str | None = None
+    grace_until: datetime | None = None
+    active: bool = True
+    deleted: bool = False
+
+    def signing_refs(self, now: datetime) -> list[str]:
+        """The current secret, and the previous one during its grace period."""
+        if self.previous_ref and self.grace_until and now < self.grace_until:
+            return [self.secret_ref, self.previous_ref]
+        return [self.secret_ref]
+
+
+class SecretMissing(Exception):
+    pass
+
+
+def _describe(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"no answer within {timeout:g}s"
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class WebhookDispatcher:
+    CONSUMES = (WebhookCreated, WebhookSecretRotated, WebhookDisabled, WebhookEnabled, WebhookDeleted)
+
+    def __init__(self, store: EventStore, secrets: SecretStore, settings: WebhookSettings, *,
+                 allow_private: bool) -> None:
+        self.store = store
+        self.secrets = secrets
+        self.settings = settings
+        self.allow_private = allow_private
+        self.hooks: dict[str, Hook] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self._dirty: set[str] = set()
+        self._secret_values: dict[str, str] = {}  # a reference names one value forever: never stale
+        self.kv: KeyValue | None = None
+        self.http: aiohttp.ClientSession | None = None
+
+    async def run(self) -> None:
+        self.kv = await deliveries_bucket(self.store.js, self.store.replicas)
+        self.http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(resolver=GuardedResolver(self.allow_private)),
+            timeout=aiohttp.ClientTimeout(total=self.settings.timeout), trust_env=False)
+        sub = await self.store.subscribe(subject_filters(self.CONSUMES))
+        log.info("webhook dispatcher started", extra={"allow_private": self.allow_private})
+        try:
+            async for stored in sub:
+                self.apply(stored)
+                if sub.pending == 0:  # caught up: act on the folded state, not on each step of history
+                    await self._reconcile()
+        finally:
+            await sub.close()
+            await cancel_and_wait(list(self.tasks.values()))
+            await self.http.close()
+
+    # ---- the fold -----------------------------------------------------------------------------
+
+    def apply(self, stored: StoredEvent) -> None:
+        event = stored.event
+        match event:
+            case WebhookCreated():
+                try:
+                    filters = delivery_filters(event.types, event.runs)
+                except WebhookRuleError as exc:  # a type this build no longer has
+                    log.error("webhook cannot be delivered by this build", extra={"webhook_id": event.webhook_id,
+                                                                                  "error": str(exc)})
+                    return
+                self.hooks[event.webhook_id] = Hook(id=event.webhook_id, url=event.url, filters=filters,
+                                                    start_seq=stored.seq + 1, secret_ref=event.secret_ref,
+                                                    epoch=stored.seq)
+            case WebhookSecretRotated() if event.webhook_id in self.hooks:
+                hook = self.hooks[event.webhook_id]
+                hook.secret_ref, hook.previous_ref, hook.grace_until = (
+                    event.secret_ref, event.previous_ref, event.grace_until)
+            case WebhookDisabled() if event.webhook_id in self.hooks:
+                self.hooks[event.webhook_id].active = False
+            case WebhookEnabled() if event.webhook_id in self.hooks:
+                hook = self.hooks[event.webhook_id]
+                hook.active, hook.epoch = True, stored.seq
+            case WebhookDeleted() if event.webhook_id in self.hooks:
+                self.hooks[event.webhook_id].deleted = True
+            case _:
+                return
+        self._dirty.add(event.webhook_id)
+
+    async def _reconcile(self) -> None:
+        """One delivery task per active webhook; none for a failing or deleted one."""
+        dirty, self._dirty = self._dirty, set()
+        for webhook_id in sorted(dirty):
+            hook = self.hooks.get(webhook_id)
+            if hook is None:
+                continue
+            task = self.tasks.get(webhook_id)
+            if hook.active and not hook.deleted:
+                if task is None or task.done():
+                    self.tasks[webhook_id] = asyncio.create_task(self._deliver_forever(hook),
+                                                                 name=f"webhook-{webhook_id}")
+            elif task is not None:
+                await cancel_and_wait([task])
+                del self.tasks[webhook_id]
+            if hook.deleted:
+                await self._forget(hook)
+                del self.hooks[webhook_id]
+
+    async def _forget(self, hook: Hook) -> None:
+        """A deleted webhook's consumer and records go (idempotent: replicas and replays race)."""
+        with contextlib.suppress(NotFoundError, APIError):
+            await self.store.js.delete_consumer(STREAM, consumer_name(hook.id))
+        if self.kv is not None:
+            with contextlib.suppress(Exception):
+                await self.kv.purge(hook.id)
+        log.info("webhook deleted: its consumer and delivery records removed", extra={"webhook_id": hook.id})
+
+    # ---- delivering ---------------------------------------------------------------------------
+
+    async def _deliver_forever(self, hook: Hook) -> None:
+        """:meth:`_deliver` until the webhook is disabled; a broken connection or JetStream error
+        restarts it after a pause (the position is the consumer's, so nothing is lost)."""
+        failures = 0
+        while True:
+            try:
+                await self._deliver(hook)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                failures += 1
+                log.exception("webhook delivery loop failed; restarting it", extra={"webhook_id": hook.id})
+                await asyncio.sleep(self._backoff(failures))
+
+    async def _ensure_consumer(self, hook: Hook) -> str:
+        name = consumer_name(hook.id)
+        await self.store.js.add_consumer(STREAM, js_api.ConsumerConfig(
+            durable_name=name,
+            description=f"deliveries of webhook {hook.id}",
+            filter_subject=hook.filters[0] if len(hook.filters) == 1 else None,
+            filter_subjects=hook.filters if len(hook.filters) > 1 else None,
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=hook.start_seq,
+            ack_policy=js_api.AckPolicy.EXPLICIT,
+            ack_wait=self.settings.ack_wait,
+            max_deliver=-1,
+            max_ack_pending=1,
+        ))
+        return name
+
+    async def _deliver(self, hook: Hook) -> None:
+        psub = await self.store.js.pull_subscribe_bind(await self._ensure_consumer(hook), stream=STREAM)
+        history = deque(await read_deliveries(self.kv, hook.id), maxlen=KEPT_DELIVERIES)
+        log.info("delivering webhook", extra={"webhook_id": hook.id, "url": hook.url})
+        try:
+            while True:
+                try:
+                    msgs = await psub.fetch(batch=1, timeout=FETCH_WAIT)
+                except asyncio.TimeoutError:
+                    continue
+                for msg in msgs:
+                    if not await self._deliver_one(hook, msg, history):
+                        return
+        finally:
+            with contextlib.suppress(Exception):  # the connection may be closing already
+                await psub.unsubscribe()
+
+    async def _deliver_one(self, hook: Hook, msg: Msg, history: deque[DeliveryAttempt]) -> bool:
+        """Deliver one event until a 2xx (then ack it: True) or until the webhook is disabled
+        (then hand it back, to be the first delivered when it is enabled: False)."""
+        stored = decode(msg)
+        if stored is None:  # a type this build does not know (logged by decode)
+            await msg.ack()
+            return True
+        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        try:
+            failures = 0
+            while True:
+                attempt = await self._attempt(hook, stored, failures + 1)
+                history.append(attempt)
+                await self._record(hook, history)
+                if attempt.error is None:
+                    await msg.ack_sync()
+                    return True
+                failures += 1
+                if failures >= self.settings.max_failures:
+                    await self._disable(hook, stored, failures, attempt.error)
+                    await msg.nak()
+                    return False
+                await asyncio.sleep(self._backoff(failures))
+        except BaseException:
+            # stopping (or a broken connection): hand the event back now rather than after ack_wait
+            with contextlib.suppress(Exception):
+                await asyncio.shield(msg.nak())
+            raise
+        finally:
+            heartbeat.cancel()
+
+    async def _attempt(self, hook: Hook, stored: StoredEvent, n: int) -> DeliveryAttempt:
+        """One signed POST; never raises for the receiver's or the network's failures."""
+        assert self.http is not None
+        context = _log_context(hook, stored)
+        body = cloudevent_json(stored).encode()
+        status: int | None = None
+        error: str | None = None
+        start = time.monotonic()
+        try:
+            secrets = [await self._secret(ref) for ref in hook.signing_refs(datetime.now(timezone.utc))]
+            timestamp = int(time.time())
+            headers = {
+                "Content-Type": CONTENT_TYPE,
+                "webhook-id": stored.envelope.id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": signature(secrets, stored.envelope.id, timestamp, body),
+            }
+            await check_target(hook.url, self.allow_private)  # again: DNS may have changed
+            async with self.http.post(hook.url, data=body, headers=headers, allow_redirects=False) as resp:
+                status = resp.status
+            if not 200 <= status < 300:
+                error = f"HTTP {status}"
+        except WebhookRuleError as exc:
+            error = str(exc)
+        except SecretMissing as exc:
+            error = str(exc)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            error = _describe(exc, self.settings.timeout)
+        latency = (time.monotonic() - start) * 1000
+        if error is None:
+            log.debug("webhook delivered", extra={**context, "status": status, "latency_ms": round(latency, 1)})
+        else:
+            log.info("webhook delivery failed", extra={**context, "attempt": n, "status": status, "error": error})
+        return DeliveryAttempt(eventId=stored.envelope.id, type=stored.event.event_type, sequence=stored.seq,
+                               attempt=n, statusCode=status, latencyMs=round(latency, 2), error=error,
+                               at=datetime.now(timezone.utc))
+
+    async def _secret(self, ref: str) -> str:
+        value = self._secret_values.get(ref)
+        if value is None:
+            value = await self.secrets.get(ref)
+            if value is None:
+                raise SecretMissing("the webhook's signing secret is missing from the secret store")
+            self._secret_values[ref] = value
+        return value
+
+    async def _record(self, hook: Hook, history: deque[DeliveryAttempt]) -> None:
+        """The last attempts to the KV bucket; a failure to record never holds up delivery."""
+        assert self.kv is not None
+        try:
+            await self.kv.put(hook.id, deliveries_json(history))
+        except Exception:  # noqa: BLE001 - the record is a view; the delivery is what counts
+            log.warning("could not record a webhook delivery", exc_info=True, extra={"webhook_id": hook.id})
+
+    async def _disable(self, hook: Hook, stored: StoredEvent, failures: int, error: str) -> None:
+        """Append ``WebhookDisabled`` (retried until it lands; its id is derived from the epoch, so
+        a retry or a second replica appends it once)."""
+        event = WebhookDisabled(webhook_id=hook.id, failures=failures, error=error, event_id=stored.envelope.id,
+                                sequence=stored.seq)
+        msg_id = str(uuid.uuid5(DISABLED_IDS, f"{hook.id}/{hook.epoch}"))
+        tries = 0
+        while True:
+            try:
+                await self.store.append(event, actor=ACTOR, msg_id=msg_id)
+                break
+            except Exception:  # noqa: BLE001 - NATS unreachable: keep holding the event and try again
+                tries += 1
+                log.warning("could not mark the webhook failing; retrying", exc_info=True,
+                            extra={"webhook_id": hook.id})
+                await asyncio.sleep(self._backoff(tries))
+        hook.active = False  # at once, before the fold sees it: no task is restarted meanwhile
+        log.warning("webhook failing: delivery stopped until it is enabled",
+                    extra={**_log_context(hook, stored), "failures": failures, "error": error})
+
+    async def _heartbeat(self, msg: Msg) -> None:
+        """Keep holding a message that is being retried (else it would go to another replica)."""
+        while True:
+            await asyncio.sleep(max(self.settings.ack_wait / 3, 0.2))
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+
+    def _backoff(self, failures: int) -> float:
+        """Exponential from ``retry_base``, capped at ``retry_cap``, with jitter (50-100 %) so
+        webhooks failing at once against one receiver do not retry in lockstep."""
+        s = self.settings
+        return min(s.retry_cap, s.retry_base * 2 ** min(failures - 1, 32)) * random.uniform(0.5, 1.0)
+
+
+def _log_context(hook: Hook, stored: StoredEvent) -> dict[str, Any]:
+    context: dict[str, Any] = {"webhook_id": hook.id, "event_id": stored.envelope.id, "seq": stored.seq,
+                               "type": stored.event.event_type}
+    run_id = getattr(stored.event, "run_id", None)
+    if run_id is not None:
+        context["run_id"] = run_id
+    return context

@@ -1,0 +1,407 @@
+"""Webhooks, against real parts: the service (API, projector, dispatcher) on a real nats-server,
+and a real aiohttp receiver on 127.0.0.1 that checks what it gets the way a user's would, with
+the ``standardwebhooks`` and ``cloudevents`` libraries.
+
+Each guarantee is attacked: the receiver is down (503, then connection refused) across a
+service restart; it fails until the webhook is marked failing; the secret is rotated; private
+targets are sent to a non-loopback API and to a dispatcher that is not loopback-only; the
+stream, the delivery records and the answers are searched for the secret."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from cloudevents.core.formats.json import JSONFormat
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from mlynar_events.events import StoredEvent, WebhookDisabled, key_filter
+from mlynar_events.webhooks import DELIVERIES_BUCKET, consumer_name
+
+from support import REPO, Api, wait_until
+
+TOKEN = "webhook-test-token-0123456789"
+FAST = dict(webhook_retry_base=0.01, webhook_retry_cap=0.05, webhook_max_failures=10_000)
+"""Retries at once and never failing, unless a test says otherwise."""
+
+
+@dataclass
+class Hit:
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    status: int
+
+
+@dataclass
+class Receiver:
+    """A real HTTP receiver: records every POST to ``/hook/<name>`` and answers with
+    ``status[name]`` (200 unless set); it can be stopped (connection refused) and restarted on
+    the same port."""
+
+    port: int = 0
+    status: dict[str, int] = field(default_factory=dict)
+    hits: list[Hit] = field(default_factory=list)
+    runner: web.AppRunner | None = None
+
+    async def start(self) -> "Receiver":
+        app = web.Application()
+        app.router.add_post("/hook/{name}", self._handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.port = self.runner.addresses[0][1]
+        return self
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        status = self.status.get(name, 200)
+        self.hits.append(Hit(name, {k.lower(): v for k, v in request.headers.items()}, await request.read(), status))
+        return web.Response(status=status)
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/hook/{name}"
+
+    def of(self, name: str, ok_only: bool = True) -> list[Hit]:
+        return [h for h in self.hits if h.path == name and (200 <= h.status < 300 or not ok_only)]
+
+
+@pytest.fixture
+async def receiver() -> Any:
+    r = await Receiver().start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+async def create(api: Api, **body: Any) -> dict[str, Any]:
+    status, hook = await api.call("POST", "/api/webhooks", json=body)
+    assert status == 201, hook
+    return hook
+
+
+async def created_seq(api: Api, webhook_id: str) -> int:
+    return (await api.service.store.read(key_filter("webhook", webhook_id)))[0].seq
+
+
+def verified(hit: Hit, *secrets: str) -> Any:
+    """The CloudEvent in ``hit``, after checking its signature against each of ``secrets``
+    (raises WebhookVerificationError otherwise)."""
+    for secret in secrets:
+        Webhook(secret).verify(hit.body, hit.headers)
+    assert hit.headers["content-type"] == "application/cloudevents+json"
+    event = JSONFormat().read(None, hit.body)
+    assert event.get_id() == hit.headers["webhook-id"]
+    return event
+
+
+def in_order_once(hits: list[Hit]) -> list[str]:
+    """The event ids delivered, with redeliveries folded: a repeat is allowed only as the exact
+    same delivery right after the first (same webhook-id, same body)."""
+    ids: list[str] = []
+    for prev, hit in zip([None, *hits], hits):
+        if prev is not None and prev.headers["webhook-id"] == hit.headers["webhook-id"]:
+            assert prev.body == hit.body, "a redelivery must be the same event"
+            continue
+        ids.append(hit.headers["webhook-id"])
+    assert len(ids) == len(set(ids)), "an event came again later, out of order"
+    return ids
+
+
+async def expected_after(api: Api, seq: int, types: set[str] | None = None) -> list[StoredEvent]:
+    events = [e for e in await api.service.store.read("mlynar.>", seq + 1)]
+    return [e for e in events if types is None or e.event.event_type in types]
+
+
+async def deliveries(api: Api, webhook_id: str) -> list[dict[str, Any]]:
+    status, body = await api.call("GET", f"/api/webhooks/{webhook_id}/deliveries")
+    assert status == 200, body
+    return body
+
+
+async def test_an_outage_and_a_restart_lose_nothing_and_keep_the_order(make_service, receiver: Receiver) -> None:
+    receiver.status["all"] = 503
+    api = await make_service(**FAST)
+    everything = await create(api, url=receiver.url("all"), description="everything")
+    secret = everything["secret"]
+    assert secret.startswith("whsec_") and len(base64.b64decode(secret.removeprefix("whsec_"))) >= 24
+    created = await create(api, url=receiver.url("created"), types=["RunCreated"])
+    await api.create_run()
+    await api.create_run()
+    await wait_until(lambda: _ready(len(receiver.of("all", ok_only=False)) >= 3), what="retries against 503")
+    # the receiver goes away entirely: connection refused
+    await receiver.stop()
+    await api.create_run()
+    await wait_until(lambda: _errors_include(api, everything["id"], "Connect"), what="a refused connection recorded")
+    # the service restarts while the receiver is still down, with a backlog and an event in retry
+    await api.http.close()
+    await api.service.stop()
+    api = await make_service(**FAST)
+    await api.create_run()
+    receiver.status["all"] = 200
+    await receiver.start()
+    await api.create_run()
+
+    async def all_delivered() -> bool:
+        want = {e.envelope.id for e in await expected_after(api, await created_seq(api, everything["id"]))}
+        return want <= {h.headers["webhook-id"] for h in receiver.of("all")}
+
+    await wait_until(all_delivered, what="every event delivered")
+    expected = await expected_after(api, await created_seq(api, everything["id"]))
+    got = receiver.of("all")
+    assert in_order_once(got)[:len(expected)] == [e.envelope.id for e in expected]
+    for hit in receiver.of("all", ok_only=False):  # the refused ones were signed too
+        verified(hit, secret)
+    by_id = {e.envelope.id: e for e in expected}
+    for hit in got:
+        event = verified(hit, secret)
+        stored = by_id.get(event.get_id())
+        if stored is not None:
+            assert event.get_type() == "dev.mlynar." + stored.event.event_type
+            assert event.get_extension("sequence") == f"{stored.seq:020d}"
+            assert event.get_data() == stored.event.model_dump(mode="json")
+    # the filtered webhook got exactly the RunCreated after its creation, in order
+    want = await expected_after(api, await created_seq(api, created["id"]), {"RunCreated"})
+    await wait_until(lambda: _ready(len(receiver.of("created")) >= len(want)), what="the filtered webhook")
+    assert in_order_once(receiver.of("created")) == [e.envelope.id for e in want] and len(want) == 5
+    for hit in receiver.of("created"):
+        assert verified(hit, created["secret"]).get_type() == "dev.mlynar.RunCreated"
+
+
+async def test_failing_after_n_failures_then_enable_resumes_where_it_stopped(make_service, receiver: Receiver) -> None:
+    receiver.status["flaky"] = 500
+    api = await make_service(**{**FAST, "webhook_max_failures": 3})
+    hook = await create(api, url=receiver.url("flaky"), types=["RunCreated"])
+    control = await create(api, url=receiver.url("control"), types=["RunCreated"])
+    first = await api.create_run()
+
+    async def failing() -> dict[str, Any] | None:
+        status, body = await api.call("GET", f"/api/webhooks/{hook['id']}")
+        return body if body["status"] == "failing" else None
+
+    shown = await wait_until(failing, what="the webhook marked failing")
+    assert shown["lastError"] == "HTTP 500" and shown["failingSince"]
+    tries = receiver.of("flaky", ok_only=False)
+    assert [h.status for h in tries] == [500, 500, 500]
+    records = await deliveries(api, hook["id"])
+    assert [(r["statusCode"], r["error"], r["attempt"]) for r in records] == [
+        (500, "HTTP 500", 3), (500, "HTTP 500", 2), (500, "HTTP 500", 1)]
+    assert all(r["type"] == "RunCreated" and r["latencyMs"] >= 0 for r in records)
+    disabled = [e for e in await api.service.store.read(key_filter("webhook", hook["id"]))
+                if isinstance(e.event, WebhookDisabled)]
+    assert len(disabled) == 1 and disabled[0].event.failures == 3
+    assert disabled[0].event.event_id == tries[0].headers["webhook-id"]
+    # while failing it does not retry: the control webhook sees a later event, the flaky one nothing
+    later = await api.create_run()
+    await wait_until(lambda: _ready(any(verified(h).get_subject() == later for h in receiver.of("control"))),
+                     what="the control webhook to get the later run")
+    assert len(receiver.of("flaky", ok_only=False)) == 3
+    # enabling resumes with the event it failed on, then everything after it, in order
+    receiver.status["flaky"] = 200
+    status, enabled = await api.call("POST", f"/api/webhooks/{hook['id']}/enable")
+    assert status == 200 and enabled["status"] == "active" and enabled["lastError"] is None
+    await wait_until(lambda: _ready(len(receiver.of("flaky")) >= 2), what="delivery after enabling")
+    subjects = [verified(h, hook["secret"]).get_subject() for h in receiver.of("flaky")]
+    assert subjects == [first, later]
+    # enabling an active webhook changes nothing
+    before = len(await api.service.store.read(key_filter("webhook", hook["id"])))
+    assert (await api.call("POST", f"/api/webhooks/{hook['id']}/enable"))[0] == 200
+    assert len(await api.service.store.read(key_filter("webhook", hook["id"]))) == before
+    assert control["id"] != hook["id"]
+
+
+async def test_rotation_signs_with_both_during_grace_and_no_secret_leaks(make_service, receiver: Receiver) -> None:
+    api = await make_service(**FAST)
+    hook = await create(api, url=receiver.url("r"), types=["RunCreated"], description="rotating")
+    old = hook["secret"]
+
+    async def delivered(run_id: str) -> Hit:
+        async def find() -> Hit | None:
+            return next((h for h in receiver.of("r") if verified(h).get_subject() == run_id), None)
+
+        return await wait_until(find, what=f"delivery of {run_id}")
+
+    verified(await delivered(await api.create_run()), old)
+    status, rotated = await api.call("POST", f"/api/webhooks/{hook['id']}/rotate-secret")
+    assert status == 201 and rotated["secret"] != old and rotated["previousSecretValidUntil"]
+    new = rotated["secret"]
+    during = await delivered(await api.create_run())
+    assert len(during.headers["webhook-signature"].split(" ")) == 2
+    verified(during, old)
+    verified(during, new)
+    # a rotation without grace revokes the previous secrets at once (a leaked secret)
+    status, revoked = await api.call("POST", f"/api/webhooks/{hook['id']}/rotate-secret",
+                                     json={"gracePeriodSeconds": 0})
+    assert status == 201
+    newest = revoked["secret"]
+    after = await delivered(await api.create_run())
+    verified(after, newest)
+    for stale in (old, new):
+        with pytest.raises(WebhookVerificationError):
+            verified(after, stale)
+    # bad input changes nothing
+    for body in ({"gracePeriodSeconds": -1}, {"grace": 5}, [1]):
+        status, err = await api.call("POST", f"/api/webhooks/{hook['id']}/rotate-secret", json=body)
+        assert status == 400 and err["error"], body
+    # the secrets appear nowhere but in the creation and rotation answers
+    secrets = [old, new, newest]
+    needles = [s.encode() for s in secrets] + [s.removeprefix("whsec_").encode() for s in secrets]
+    for stored in await api.service.store.read("mlynar.>"):
+        assert not any(n in stored.envelope.to_bytes() for n in needles), stored.envelope.type
+    kv = await api.service.store.js.key_value(DELIVERIES_BUCKET)
+    record = (await kv.get(hook["id"])).value
+    assert record and not any(n in record for n in needles)
+    for path in ("/api/webhooks", f"/api/webhooks/{hook['id']}", f"/api/webhooks/{hook['id']}/deliveries"):
+        async with api.http.get(path) as r:
+            answer = await r.read()
+            assert r.status == 200 and not any(n in answer for n in needles), path
+    # deleting it stops delivery and removes its consumer and records
+    status, _ = await api.call("DELETE", f"/api/webhooks/{hook['id']}")
+    assert status == 200
+    assert (await api.call("GET", f"/api/webhooks/{hook['id']}"))[0] == 404
+    assert (await api.call("DELETE", f"/api/webhooks/{hook['id']}"))[0] == 404
+    await wait_until(lambda: _consumer_gone(api, hook["id"]), what="the webhook's consumer removed")
+
+
+PRIVATE = ["http://127.0.0.1:9/x", "http://localhost:9/x", "http://10.1.2.3/x", "http://192.168.0.1/x",
+           "http://169.254.169.254/latest/meta-data", "http://[::1]:9/x", "http://[::ffff:127.0.0.1]/x",
+           "http://0.0.0.0:9/x", "http://100.64.0.1/x"]
+MALFORMED = [("ftp://93.184.216.34/x", "http or https"), ("http://user:pw@93.184.216.34/x", "credentials"),
+             ("http://93.184.216.34/x#frag", "fragment"), ("http:///x", "no host"), ("not a url", "http or https")]
+
+
+async def test_private_targets_are_refused_on_a_non_loopback_api(make_service, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    service = (await make_service(host="0.0.0.0", api_token_file=token_file, **FAST)).service
+    port = int(service.api_url.rsplit(":", 1)[1])
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        api = Api(http, service)
+        for url in PRIVATE:
+            status, err = await api.call("POST", "/api/webhooks", json={"url": url})
+            assert status == 400 and "private, loopback or link-local" in err["error"], (url, err)
+        for url, why in MALFORMED:
+            status, err = await api.call("POST", "/api/webhooks", json={"url": url})
+            assert status == 400 and why in err["error"], (url, err)
+        bad_bodies = [{"url": "http://93.184.216.34/x", "types": ["NoSuchEvent"]},
+                      {"url": "http://93.184.216.34/x", "runs": ["a.b"]},
+                      {"url": "http://93.184.216.34/x", "runs": ["r1"], "types": ["MachineRegistered"]},
+                      {"url": "http://93.184.216.34/x", "secret": "mine"}, {"types": []}]
+        for body in bad_bodies:
+            status, err = await api.call("POST", "/api/webhooks", json=body)
+            assert status == 400 and err["error"], body
+        assert (await api.call("GET", "/api/webhooks")) == (200, [])
+        assert await service.store.read("mlynar.webhook.>") == []  # nothing was written
+        # a public address is fine (a type that never happens here: nothing is sent to it)
+        status, hook = await api.call("POST", "/api/webhooks", json={"url": "http://93.184.216.34/x",
+                                                                     "types": ["RunDeleted"]})
+        assert status == 201, hook
+        assert (await api.call("DELETE", f"/api/webhooks/{hook['id']}"))[0] == 200
+
+
+async def test_the_dispatcher_checks_the_target_again_at_delivery(make_service, receiver: Receiver,
+                                                                  tmp_path: Path) -> None:
+    """A webhook accepted by a loopback API is not sent by a dispatcher that is not
+    loopback-only (its own rule, applied before every attempt)."""
+    api = await make_service(roles=["api", "projector"], **FAST)
+    hook = await create(api, url=receiver.url("inner"), types=["RunCreated"])
+    await make_service(roles=["webhooks"], host="0.0.0.0", data_dir=tmp_path / "dispatcher",
+                       **{**FAST, "webhook_max_failures": 2})
+    await api.create_run()
+
+    async def failing() -> bool:
+        return (await api.call("GET", f"/api/webhooks/{hook['id']}"))[1]["status"] == "failing"
+
+    await wait_until(failing, what="the webhook marked failing")
+    assert receiver.hits == []
+    records = await deliveries(api, hook["id"])
+    assert len(records) == 2 and all("private, loopback or link-local" in r["error"] for r in records)
+    assert all(r["statusCode"] is None for r in records)
+
+
+async def test_an_allowed_private_target_on_a_non_loopback_api(make_service, receiver: Receiver,
+                                                               tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    service = (await make_service(host="0.0.0.0", api_token_file=token_file, webhook_allow_private=True,
+                                  **FAST)).service
+    port = int(service.api_url.rsplit(":", 1)[1])
+    async with aiohttp.ClientSession(f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        api = Api(http, service)
+        hook = await create(api, url=receiver.url("ok"), types=["RunCreated"])
+        run_id = await api.create_run()
+        await wait_until(lambda: _ready(receiver.of("ok")), what="delivery")
+        assert verified(receiver.of("ok")[0], hook["secret"]).get_subject() == run_id
+
+
+def readme_receiver() -> str:
+    """The webhook receiver of the README, exactly as written there."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("### Webhooks", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)  # type: ignore[union-attr]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_the_readme_receiver_verifies_and_parses_what_is_sent(make_service) -> None:
+    api = await make_service(**FAST)
+    port = free_port()
+    hook = await create(api, url=f"http://127.0.0.1:{port}/hook", types=["RunCreated"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-u", "-c", readme_receiver(), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "WEBHOOK_SECRET": hook["secret"], "PORT": str(port)})
+    try:
+        runs = [await api.create_run(), await api.create_run()]
+        lines: list[list[str]] = []
+        while len(lines) < len(runs):  # run_app's own banner lines aside
+            line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode().split()  # type: ignore[union-attr]
+            assert line, "the receiver ended"
+            if line[0].startswith("dev.mlynar."):
+                lines.append(line)
+        assert [(line[0], line[1]) for line in lines] == [("dev.mlynar.RunCreated", r) for r in runs]
+        # a forged delivery is refused by the snippet
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/hook", data=b"{}", headers={
+                    "webhook-id": "x", "webhook-timestamp": "1", "webhook-signature": "v1,AAAA"}) as r:
+                assert r.status >= 400
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def _ready(value: Any) -> Any:
+    return value
+
+
+async def _errors_include(api: Api, webhook_id: str, text: str) -> bool:
+    return any(text in (r["error"] or "") for r in await deliveries(api, webhook_id))
+
+
+async def _consumer_gone(api: Api, webhook_id: str) -> bool:
+    from nats.js.errors import NotFoundError
+
+    try:
+        await api.service.store.js.consumer_info("MLYNAR", consumer_name(webhook_id))
+    except NotFoundError:
+        return True
+    return False
