@@ -2,7 +2,15 @@
 
 A backend runs one attempt of a step to the end and hands back the outputs as local files; the
 worker owns everything else (events, retries, blobs). ``external_id`` is stable per attempt, so
-running an attempt again after a crash re-attaches to it instead of starting it twice."""
+running an attempt again after a crash re-attaches to it instead of starting it twice.
+
+**Release after the outcome is durable.** An attempt's trace where it ran (the agent's step with
+its outputs, the Job with its PVC) is what a redelivered step re-attaches to, so ``run`` never
+removes it when the attempt ends: the worker calls ``release`` only once the attempt's outcome
+events (outputs, success, failure) are appended. Anything going wrong in between (a NATS outage,
+a full blob disk, the executor killed) leaves the attempt where it is, finished, to be collected
+again, never run again. Cancelling is the one exception: killing the attempt is its removal.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +46,10 @@ class AttemptResult:
     logs: Path | None = None
     retryable: bool = True  # False: a retry would fail the same way (e.g. command not allowed)
     cancelled: bool = False
+    lost: bool = False
+    """The attempt ended because of the infrastructure, not the operator: the agent restarted or
+    could not be reached, the blob store could not be read or written, the Kubernetes API failed.
+    Retried up to the executor's own cap without using the operator's ``retries``."""
 
 
 class BackendError(Exception):
@@ -48,4 +60,11 @@ class Backend(Protocol):
     def target(self, step: StepScheduled) -> str: ...
     def external_id(self, step: StepScheduled, attempt: int) -> str: ...
     async def run(self, attempt: Attempt) -> AttemptResult: ...
+
+    async def release(self, attempt: Attempt, *, failed: bool) -> None:
+        """Remove what the attempt left where it ran; called only after its outcome is appended
+        (see the module). Idempotent: an attempt already released is fine; a failure to release
+        is logged, never raised (the outcome stands)."""
+        ...
+
     async def close(self) -> None: ...

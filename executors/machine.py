@@ -2,7 +2,15 @@
 
 Inputs stream from the blob store to the agent, outputs and logs stream back to local files;
 nothing is held whole in memory. Machines (URL, token reference) are followed from the
-``mlynar.machine.>`` events; tokens come from the secret store at the moment they are needed."""
+``mlynar.machine.>`` events; tokens come from the secret store at the moment they are needed.
+
+An attempt is the agent step ``<step id>-<attempt>``. ``run`` first asks the agent for it and
+attaches to whatever exists (queued, running or finished: a redelivered step collects it, it is
+not sent again); only an unknown one is PUT. It never deletes a finished attempt: ``release``
+does, after the worker appended the outcome. Before attempt N starts, attempt N-1 is made sure to
+be gone from the agent, so an agent that was only unreachable never runs two attempts of a step.
+No answer or a 5xx from the agent, an agent that reports the attempt ``lost`` (it restarted), or
+a blob store that cannot be read make the result ``lost``: the infrastructure's failure."""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from mlynar_events.blobs import BlobStore
+from mlynar_events.blobs import BlobNotFound, BlobStore
 from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdated, StepScheduled, subject_filters
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore
@@ -93,22 +101,87 @@ class MachineBackend:
                 timeout=aiohttp.ClientTimeout(total=None, connect=self.connect_timeout, sock_read=self.read_timeout))
         return self._session
 
-    async def run(self, attempt: Attempt) -> AttemptResult:
-        step = attempt.step
-        name = step.spec.machine or ""
+    async def _client(self, name: str) -> tuple[Machine | None, AgentClient | None]:
         machine = await self.directory.get(name)
         if machine is None:
-            return AttemptResult(ok=False, error=f"machine {name!r} is not registered", retryable=True)
+            return None, None
         token = await self.secrets.get(machine.token_ref) if machine.token_ref else None
-        async with AgentClient(machine.url, token, connect_timeout=self.connect_timeout,
-                               read_timeout=self.read_timeout, session=self.session()) as client:
+        return machine, AgentClient(machine.url, token, connect_timeout=self.connect_timeout,
+                                    read_timeout=self.read_timeout, session=self.session())
+
+    async def run(self, attempt: Attempt) -> AttemptResult:
+        name = attempt.step.spec.machine or ""
+        machine, client = await self._client(name)
+        if machine is None or client is None:
+            return AttemptResult(ok=False, error=f"machine {name!r} is not registered", retryable=True)
+        async with client:
             try:
                 return await self._run(client, attempt)
             except AgentError as exc:
-                return AttemptResult(ok=False, error=f"machine {name!r} at {machine.url}: {exc}")
+                # no answer, or the agent failing (5xx): the infrastructure, not the operator
+                lost = exc.status is None or exc.status >= 500
+                return AttemptResult(ok=False, lost=lost, error=f"machine {name!r} at {machine.url}: {exc}")
+            except BlobNotFound as exc:
+                return AttemptResult(ok=False, retryable=False, error=f"an input's bytes are gone from the blob store: {exc}")
+            except OSError as exc:  # the blob store or the executor's disk
+                return AttemptResult(ok=False, lost=True, error=f"cannot read the step's inputs: {exc}")
+
+    async def release(self, attempt: Attempt, *, failed: bool) -> None:
+        """``DELETE`` the attempt's step on the agent (its sandbox and outputs go with it)."""
+        name = attempt.step.spec.machine or ""
+        ctx = {"run_id": attempt.step.run_id, "step_id": attempt.step.step_id, "external_id": attempt.external_id}
+        machine, client = await self._client(name)
+        if client is None:
+            return
+        async with client:
+            try:
+                await _gone(client, attempt.external_id)
+            except AgentError as exc:
+                log.warning("could not release the attempt on its agent; it keeps it until its --result-ttl",
+                            extra={**ctx, "error": str(exc)})
 
     async def _run(self, client: AgentClient, a: Attempt) -> AttemptResult:
         step, sid = a.step, a.external_id
+        if a.attempt > 1:
+            # The attempt before this one must be gone from the agent before this one starts: an
+            # agent that was unreachable may still be running it (each attempt removes its
+            # predecessor, so at most one of a step's attempts exists on an agent).
+            await _gone(client, self.external_id(step, a.attempt - 1))
+        status = await self._start_or_attach(client, a)
+        if not status.terminal:
+            answer = await self._wait(client, sid, a)
+            status = None if answer is None else StepStatus.model_validate(answer)
+        logs = a.workdir / "logs.txt"
+        try:
+            await _with_retries(lambda: client.download_logs(sid, logs))
+        except AgentError:
+            logs = None  # type: ignore[assignment]
+        if status is None:  # cancelled: removing the step is what kills it
+            await _quietly(client.delete_step(sid))
+            return AttemptResult(ok=False, error="cancelled", logs=logs, cancelled=True)
+        if status.state != "succeeded":
+            error = status.error or f"step {status.state}"
+            # the agent says whether the same step would fail the same way (e.g. refused by
+            # --allow) and whether the attempt was lost to the agent rather than failed
+            return AttemptResult(ok=False, error=error, logs=logs, retryable=status.retryable, lost=status.lost)
+        outputs = []
+        for out in status.outputs:
+            dest = a.workdir / "outputs" / str(out.index)
+            await _with_retries(lambda: client.download_output(sid, out.index, dest, expected_sha256=out.sha256))
+            outputs.append(Output(out.data_kind, dest, out.file.rsplit("/", 1)[-1]))
+        return AttemptResult(ok=True, outputs=outputs, logs=logs)
+
+    async def _start_or_attach(self, client: AgentClient, a: Attempt) -> StepStatus:
+        """The attempt's status on the agent: the one that exists (running, queued or finished:
+        a redelivered step re-attaches, its inputs are not sent again), else a new one PUT with
+        its inputs. A PUT of the same id and manifest is idempotent on the agent too, so a race
+        with another executor re-attaching the same attempt starts nothing twice."""
+        step, sid = a.step, a.external_id
+        existing = await _status_or_none(client, sid)
+        if existing is not None:
+            log.info("attempt exists on the agent; attaching",
+                     extra={"run_id": step.run_id, "step_id": step.step_id, "external_id": sid, "state": existing.state})
+            return existing
         inputs_dir = a.workdir / "inputs"
         inputs = {}
         for i, inp in enumerate(step.inputs):
@@ -121,29 +194,14 @@ class MachineBackend:
             "inputs": [{"name": f"in{i}", "filename": inp.filename, "env": inp.env} for i, inp in enumerate(step.inputs)],
             "timeoutSeconds": step.spec.timeoutSeconds,
         }
-        await _with_retries(lambda: client.put_step(sid, manifest, inputs))
-        answer = await self._wait(client, sid, a)
-        status = None if answer is None else StepStatus.model_validate(answer)
-        logs = a.workdir / "logs.txt"
         try:
-            await _with_retries(lambda: client.download_logs(sid, logs))
-        except AgentError:
-            logs = None  # type: ignore[assignment]
-        if status is None:  # cancelled
-            await _quietly(client.delete_step(sid))
-            return AttemptResult(ok=False, error="cancelled", logs=logs, cancelled=True)
-        if status.state != "succeeded":
-            await _quietly(client.delete_step(sid))
-            error = status.error or f"step {status.state}"
-            # the agent says whether the same step would fail the same way (e.g. refused by --allow)
-            return AttemptResult(ok=False, error=error, logs=logs, retryable=status.retryable)
-        outputs = []
-        for out in status.outputs:
-            dest = a.workdir / "outputs" / str(out.index)
-            await _with_retries(lambda: client.download_output(sid, out.index, dest, expected_sha256=out.sha256))
-            outputs.append(Output(out.data_kind, dest, out.file.rsplit("/", 1)[-1]))
-        await _quietly(client.delete_step(sid))
-        return AttemptResult(ok=True, outputs=outputs, logs=logs)
+            return StepStatus.model_validate(await _with_retries(lambda: client.put_step(sid, manifest, inputs)))
+        except AgentError as exc:
+            if exc.status == 409:  # another executor is uploading this very attempt: attach to it
+                again = await _status_or_none(client, sid)
+                if again is not None:
+                    return again
+            raise
 
     async def _wait(self, client: AgentClient, sid: str, a: Attempt) -> dict | None:
         """Long-poll the agent until the step ends; ``None`` if cancelled meanwhile."""
@@ -172,6 +230,24 @@ async def _with_retries(call, tries: int = CONNECT_TRIES):  # type: ignore[no-un
             delay = min(0.25 * 2**n, 4.0) * (0.5 + random.random())
             log.warning("agent call failed; retrying", extra={"error": str(exc), "retry_in": round(delay, 2)})
             await asyncio.sleep(delay)
+
+
+async def _status_or_none(client: AgentClient, sid: str) -> StepStatus | None:
+    try:
+        return StepStatus.model_validate(await _with_retries(lambda: client.status(sid)))
+    except AgentError as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
+async def _gone(client: AgentClient, sid: str) -> None:
+    """Make sure step ``sid`` is not on the agent (deleted now, or unknown already)."""
+    try:
+        await _with_retries(lambda: client.delete_step(sid))
+    except AgentError as exc:
+        if exc.status != 404:
+            raise
 
 
 async def _quietly(coro) -> None:  # type: ignore[no-untyped-def]

@@ -2,11 +2,23 @@
 executor, runs each step's attempts on its backend and appends what happened.
 
 * at-least-once delivery, exactly-once effects: every event it appends has an id derived from the
-  fact (step, attempt, output index), and a redelivered step whose attempt had started re-attaches
-  to the same external id (agent step id, Job name) instead of starting it again;
+  fact (step, attempt, output index), a redelivered step whose attempt had started re-attaches
+  to the same external id (agent step id, Job name) instead of starting it again, and an attempt
+  is released where it ran (agent step deleted, Job removed) only after its outcome is appended
+  (:mod:`.backend`), so there is always something to re-attach to;
+* outcome writes (blobs, events) that fail are retried with a capped backoff for
+  ``outcome_retry_for`` seconds; outputs that still cannot be stored lose the attempt visibly
+  ("cannot store output 0 ...: No space left on device"), never loop;
+* failures are classified: an attempt the operator failed uses ``spec.retries``; one lost to the
+  infrastructure (``AttemptResult.lost``: agent restarted or unreachable, blob store unavailable)
+  is retried up to ``infra_retries`` without using them, and its ``StepAttemptFailed`` /
+  ``StepFailed`` says ``infrastructure=true``; an executor that died is no failure at all (its
+  step is redelivered and re-attached);
 * ``in_progress`` heartbeats keep a long step from being redelivered while its executor lives;
-* retries with exponential backoff and jitter per ``spec.retries``; ``spec.timeoutSeconds`` is
-  enforced by the backend (the agent kills the process group, Kubernetes the Job);
+  the consumer's ack-wait is the deployment's, set by whoever created the consumer (or
+  ``update_consumer``), never silently changed by a late starter;
+* retries with exponential backoff and jitter; ``spec.timeoutSeconds`` is enforced by the
+  backend (the agent kills the process group, Kubernetes the Job);
 * cancellation follows ``RunTerminationRequested(cancel=true)`` on the stream.
 """
 
@@ -21,9 +33,10 @@ import socket
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
 
 from nats.js import api as js_api
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError
 
 from mlynar_events.blobs import BlobStore, logs_key, unit_key
 from mlynar_events.events import (
@@ -32,14 +45,16 @@ from mlynar_events.events import (
 )
 from mlynar_events.outputs import OutputManifestError, check_kinds
 from mlynar_events.runstate import RunState, RunStateCache
-from mlynar_events.store import EventStore, decode
+from mlynar_events.store import EventStore, decode, retrying
 from mlynar_events.tasks import cancel_and_wait
 
 from .backend import Attempt, AttemptResult, Backend
 
 log = logging.getLogger("mlynar.executor")
+T = TypeVar("T")
 
 DURABLE = "executors"
+CONSUMER_EXISTS = 10148  # JSConsumerAlreadyExists: created by another executor with another config
 OUTPUT_NAMESPACE = uuid.UUID("5b0f1f6e-8f5e-4a7a-9a43-6d1f8e0c2a11")
 
 
@@ -70,39 +85,73 @@ class StepWorker:
         retry_base: float = 1.0,
         workdir: Path | None = None,
         name: str | None = None,
+        infra_retries: int = 3,
+        outcome_retry_for: float = 60.0,
+        update_consumer: bool = False,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.backends = backends  # "machine" / "kubernetes"
         self.concurrency = concurrency
-        self.ack_wait = ack_wait
+        self.ack_wait = ack_wait  # the consumer's, once ensure_consumer has run
         self.retry_base = retry_base
         self.workdir = workdir or Path(tempfile.gettempdir()) / "mlynar-executor"
         self.name = name or f"executor:{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
+        self.infra_retries = infra_retries  # attempts lost to infrastructure retried, per step
+        self.outcome_retry_for = outcome_retry_for  # seconds an attempt's outcome writes are retried
+        self.update_consumer = update_consumer  # True: this executor's ack_wait replaces the consumer's
         self.running: dict[str, Attempt] = {}  # step_id -> current attempt
         self.active = 0  # messages being handled
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._handling: dict[str, asyncio.Event] = {}  # step_id -> set when its handler ends
         self._runs = RunStateCache(store)
 
     # ---- consumer ---------------------------------------------------------------------------
 
-    async def ensure_consumer(self) -> None:
-        config = js_api.ConsumerConfig(
+    def consumer_config(self, ack_wait: float) -> js_api.ConsumerConfig:
+        return js_api.ConsumerConfig(
             durable_name=DURABLE,
             filter_subject=subject_filters(self.SCHEDULES)[0],
             ack_policy=js_api.AckPolicy.EXPLICIT,
-            ack_wait=self.ack_wait,
+            ack_wait=ack_wait,
             max_deliver=-1,
             max_ack_pending=10_000,
             deliver_policy=js_api.DeliverPolicy.ALL,
         )
+
+    async def ensure_consumer(self) -> None:
+        """Create the shared consumer, or use the one that exists. Its ack-wait is one setting of
+        the deployment: an executor configured otherwise warns and heartbeats by the consumer's
+        (every executor restarting with its own value used to make the last one win for all),
+        unless ``update_consumer`` says to change it. A changed subject filter (a new build) is
+        always brought up to date."""
+        js = self.store.js
         try:
-            await self.store.js.add_consumer(STREAM, config)
-        except APIError as exc:
-            if exc.err_code != 10148:  # exists with another config: update it
-                raise
-            await self.store.js.add_consumer(STREAM, config)
+            info = await retrying(lambda: js.consumer_info(STREAM, DURABLE), "consumer info", self.store.retry_for)
+        except NotFoundError:
+            info = None
+        if info is None:
+            try:
+                await retrying(lambda: js.add_consumer(STREAM, self.consumer_config(self.ack_wait)),
+                               "add consumer", self.store.retry_for)
+                return
+            except APIError as exc:
+                if exc.err_code != CONSUMER_EXISTS:  # another executor created it meanwhile
+                    raise
+                info = await retrying(lambda: js.consumer_info(STREAM, DURABLE), "consumer info", self.store.retry_for)
+        current = info.config
+        existing = float(current.ack_wait or self.ack_wait)
+        wanted = self.ack_wait if self.update_consumer else existing
+        if not self.update_consumer and abs(existing - self.ack_wait) > 1e-6:
+            log.warning("the shared consumer's ack-wait differs from this executor's; using the consumer's "
+                        "(update it explicitly to change it for every executor)",
+                        extra={"executor": self.name, "consumer_ack_wait": existing, "configured_ack_wait": self.ack_wait})
+        self.ack_wait = wanted
+        config = self.consumer_config(wanted)
+        if abs(existing - wanted) > 1e-6 or current.filter_subject != config.filter_subject:
+            await retrying(lambda: js.add_consumer(STREAM, config), "update consumer", self.store.retry_for)
+            log.info("shared consumer updated", extra={"executor": self.name, "ack_wait": wanted})
 
     async def run(self) -> None:
         await self.ensure_consumer()
@@ -139,7 +188,7 @@ class StepWorker:
         try:
             stored = decode(msg)
             if stored is not None and isinstance(stored.event, StepScheduled):
-                await self.execute(stored.event)
+                await self._execute_once(stored.event)
             await msg.ack()
         except asyncio.CancelledError:
             # Draining on shutdown: hand the step back at once (a nak without delay) instead of
@@ -184,6 +233,18 @@ class StepWorker:
 
     # ---- one step ---------------------------------------------------------------------------
 
+    async def _execute_once(self, step: StepScheduled) -> None:
+        """A step redelivered while this executor still handles it (its heartbeats could not reach
+        NATS) waits for that handler, then finds the step finished or picks up where it ended."""
+        while (busy := self._handling.get(step.step_id)) is not None:
+            await busy.wait()
+        done = self._handling[step.step_id] = asyncio.Event()
+        try:
+            await self.execute(step)
+        finally:
+            del self._handling[step.step_id]
+            done.set()
+
     async def _run_state(self, run_id: str) -> RunState:
         return await self._runs.get(run_id)
 
@@ -194,56 +255,93 @@ class StepWorker:
         state = await self._run_state(step.run_id)
         current = state.steps.get(step.step_id)
         ctx = {"run_id": step.run_id, "step_id": step.step_id, "operator": step.operator}
+        kind = "machine" if step.spec.machine else "kubernetes"
+        backend = self.backends.get(kind)
         if not state.exists or current is None or current.finished:
+            if current is not None and current.finished and current.attempt and backend is not None:
+                # its outcome is appended: what may be left is the release (crashed right before it)
+                await self._release(backend, self._attempt_of(backend, step, current.attempt),
+                                    failed=current.status != "success")
             log.info("step needs nothing more", extra=ctx)
             return
         if state.termination is not None and state.termination.cancel:
             await self._append(StepCancelled(run_id=step.run_id, step_id=step.step_id, reason="run terminated"),
                                f"{step.step_id}:cancelled")
             return
-        kind = "machine" if step.spec.machine else "kubernetes"
-        backend = self.backends.get(kind)
         if backend is None:
             await self._append(StepFailed(run_id=step.run_id, step_id=step.step_id, attempt=max(current.attempt, 1),
                                           error=f"no {kind} executor is configured in this service"),
                                f"{step.step_id}:failed")
             return
-        attempt_no = max(current.attempt, 1)  # a started attempt is re-attached, not restarted
+        # a started attempt is re-attached, not restarted; one whose failure is recorded is over
+        attempt_no = max(current.attempt, 1) + (1 if current.attempt and current.attempt_ended else 0)
+        failures, losses = len(current.failed_attempts), len(current.lost_attempts)
         while True:
-            attempt = Attempt(step, attempt_no, backend.external_id(step, attempt_no),
-                              self.workdir / backend.external_id(step, attempt_no))
+            attempt = self._attempt_of(backend, step, attempt_no)
             try:
                 result = await self._attempt(backend, attempt, reattach=current.attempt == attempt_no)
-                if not (await self._run_state(step.run_id)).exists:
+                now = await self._run_state(step.run_id)
+                if not now.exists:
                     log.info("run deleted while its step ran; keeping nothing", extra=ctx)
+                    await self._release(backend, attempt, failed=False)
                     return
-                logs = await self._store_logs(step, attempt_no, result)
+                if now.steps[step.step_id].finished:  # another executor (a redelivery) ended it
+                    log.info("step finished elsewhere meanwhile", extra={**ctx, "attempt": attempt_no})
+                    return
+                deadline = asyncio.get_running_loop().time() + self.outcome_retry_for
+                logs = await self._store_logs(step, attempt_no, result, deadline)
                 if result.ok:
-                    result = await self._outputs(step, attempt_no, result, logs)
+                    result = await self._outputs(step, attempt_no, result, logs, deadline)
             finally:
                 shutil.rmtree(attempt.workdir, ignore_errors=True)
             if result.ok:
+                await self._release(backend, attempt, failed=False)
                 return
             if result.cancelled:
                 await self._append(StepCancelled(run_id=step.run_id, step_id=step.step_id, reason="cancelled by user",
                                                  attempt=attempt_no, logs_blob=logs),
                                    f"{step.step_id}:cancelled")
+                await self._release(backend, attempt, failed=True)
                 return
-            retries_left = step.spec.retries - (attempt_no - 1)
-            if retries_left <= 0 or not result.retryable:
+            if result.lost:
+                losses += 1
+                again = losses <= self.infra_retries
+            else:
+                failures += 1
+                again = result.retryable and failures <= step.spec.retries
+            error = result.error or "failed"
+            if not again:
                 await self._append(StepFailed(run_id=step.run_id, step_id=step.step_id, attempt=attempt_no,
-                                              error=result.error or "failed", logs_blob=logs),
+                                              error=error, logs_blob=logs, infrastructure=result.lost),
                                    f"{step.step_id}:failed")
-                log.warning("step failed", extra={**ctx, "attempt": attempt_no, "error": result.error})
+                await self._release(backend, attempt, failed=True)
+                log.warning("step failed", extra={**ctx, "attempt": attempt_no, "error": error,
+                                                  "infrastructure": result.lost, "failures": failures, "lost": losses})
                 return
-            delay = backoff(attempt_no, self.retry_base)
+            delay = backoff(failures + losses, self.retry_base)
             await self._append(StepAttemptFailed(run_id=step.run_id, step_id=step.step_id, attempt=attempt_no,
-                                                 error=result.error or "failed", logs_blob=logs, retry_in=round(delay, 3)),
+                                                 error=error, logs_blob=logs, retry_in=round(delay, 3),
+                                                 infrastructure=result.lost),
                                f"{step.step_id}:attempt-failed:{attempt_no}")
-            log.info("attempt failed; retrying", extra={**ctx, "attempt": attempt_no, "retry_in": round(delay, 2),
-                                                         "error": result.error})
+            await self._release(backend, attempt, failed=True)
+            log.info("attempt lost to the infrastructure; retrying" if result.lost else "attempt failed; retrying",
+                     extra={**ctx, "attempt": attempt_no, "retry_in": round(delay, 2), "error": error,
+                            "failures": failures, "lost": losses})
             await asyncio.sleep(delay)
             attempt_no += 1
+
+    def _attempt_of(self, backend: Backend, step: StepScheduled, attempt_no: int) -> Attempt:
+        external_id = backend.external_id(step, attempt_no)
+        return Attempt(step, attempt_no, external_id, self.workdir / external_id)
+
+    async def _release(self, backend: Backend, attempt: Attempt, *, failed: bool) -> None:
+        """After the attempt's outcome is appended (never before: see :mod:`.backend`)."""
+        try:
+            await backend.release(attempt, failed=failed)
+        except Exception:  # noqa: BLE001 - the outcome stands; what is left expires where it ran
+            log.exception("releasing the attempt failed", extra={"run_id": attempt.step.run_id,
+                                                                "step_id": attempt.step.step_id,
+                                                                "external_id": attempt.external_id})
 
     async def _attempt(self, backend: Backend, attempt: Attempt, reattach: bool) -> AttemptResult:
         step = attempt.step
@@ -264,25 +362,59 @@ class StepWorker:
         finally:
             self.running.pop(step.step_id, None)
 
-    async def _store_logs(self, step: StepScheduled, attempt_no: int, result: AttemptResult) -> str | None:
+    async def _write(self, what: str, call: Callable[[], Awaitable[T]], deadline: float, ctx: dict[str, Any]) -> T:
+        """A blob write of an attempt's outcome, retried on ``OSError`` (disk full, read-only,
+        an unavailable share) with a capped backoff until ``deadline``; then the error is raised."""
+        loop = asyncio.get_running_loop()
+        n = 0
+        while True:
+            try:
+                return await call()
+            except OSError as exc:
+                n += 1
+                delay = min(self.retry_base * 0.25 * 2 ** (n - 1), 5.0) * (0.5 + random.random())
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("cannot store the attempt's outcome; retrying",
+                            extra={**ctx, "what": what, "error": str(exc), "retry_in": round(delay, 2)})
+                await asyncio.sleep(delay)
+
+    async def _store_logs(self, step: StepScheduled, attempt_no: int, result: AttemptResult,
+                          deadline: float) -> str | None:
+        """The attempt's logs into the blob store; ``None`` when there are none or they cannot be
+        stored (the outcome is what matters: it is appended without them)."""
         if result.logs is None or not result.logs.exists():
             return None
         key = logs_key(step.run_id, step.step_id, attempt_no)
-        await self.blobs.put_file(key, result.logs)
+        ctx = {"run_id": step.run_id, "step_id": step.step_id, "attempt": attempt_no}
+        try:
+            await self._write("logs", lambda: self.blobs.put_file(key, result.logs), deadline, ctx)  # type: ignore[arg-type]
+        except OSError as exc:
+            log.warning("the attempt's logs cannot be stored; its outcome is recorded without them",
+                        extra={**ctx, "error": str(exc)})
+            return None
         return key
 
-    async def _outputs(self, step: StepScheduled, attempt_no: int, result: AttemptResult, logs: str | None) -> AttemptResult:
+    async def _outputs(self, step: StepScheduled, attempt_no: int, result: AttemptResult, logs: str | None,
+                       deadline: float) -> AttemptResult:
         """Check the outputs against the operator, store them, append them and the success
-        (the run was seen to exist after the attempt ended)."""
+        (the run was seen to exist after the attempt ended). Outputs that cannot be stored lose
+        the attempt to the infrastructure, saying why."""
         try:
             check_kinds((o.data_kind for o in result.outputs), step.spec.possibleOutputKinds)
         except OutputManifestError as exc:
             return AttemptResult(ok=False, retryable=False, error=f"operator {step.operator!r}: {exc}")
+        ctx = {"run_id": step.run_id, "step_id": step.step_id, "attempt": attempt_no}
         unit_ids = []
         for index, out in enumerate(result.outputs):
             unit_id = output_unit_id(step.step_id, index)
             key = unit_key(step.run_id, unit_id)
-            info = await self.blobs.put_file(key, out.path)  # bytes first, then the event
+            try:  # bytes first, then the event
+                info = await self._write(f"output {index}", lambda: self.blobs.put_file(key, out.path), deadline, ctx)
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                return AttemptResult(ok=False, lost=True, logs=result.logs,
+                                     error=f"cannot store output {index} ({out.data_kind}) in the blob store: {reason}")
             await self._append(DataUnitAdded(
                 run_id=step.run_id, unit_id=unit_id, data_kind=out.data_kind, ancestors=step.ancestors,
                 blob=key, size=info.size, sha256=info.sha256, filename=out.filename,

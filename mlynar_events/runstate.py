@@ -65,10 +65,20 @@ class StepState:
     started: StepStarted | None = None
     error: str | None = None
     outputs: list[str] = field(default_factory=list)
+    failed_attempts: set[int] = field(default_factory=set)
+    """Attempts the operator failed (``StepAttemptFailed``): what ``spec.retries`` counts."""
+    lost_attempts: set[int] = field(default_factory=set)
+    """Attempts lost to the infrastructure (``StepAttemptFailed.infrastructure``): what the
+    executor's own cap counts, never ``spec.retries``."""
 
     @property
     def finished(self) -> bool:
         return self.status in FINISHED
+
+    @property
+    def attempt_ended(self) -> bool:
+        """The current attempt has its ``StepAttemptFailed``: the next one is due, not a re-attach."""
+        return self.attempt in self.failed_attempts or self.attempt in self.lost_attempts
 
 
 @dataclass
@@ -118,6 +128,7 @@ class RunState:
                 step = self.steps.get(event.step_id)
                 if step:
                     step.error = event.error
+                    (step.lost_attempts if event.infrastructure else step.failed_attempts).add(event.attempt)
             case StepSucceeded() | StepFailed() | StepCancelled():
                 step = self.steps.get(event.step_id)
                 if step and not step.finished:

@@ -11,10 +11,10 @@ with a bounded, jittered backoff for at most ``retry_for`` seconds; the callers 
 result, a :class:`ConcurrencyConflict`, or (after that time) the last error.
 
 **Reads need no consumer.** :meth:`EventStore.read` asks the stream's leader for its head, then
-fetches ``[from_seq, head]`` with batched direct gets (``$JS.API.DIRECT.GET``) carrying
-``min_last_seq=head``, so a replica that has not applied the head yet refuses (412) rather than
-answering stale. Creating a consumer per read (what this used to do) goes through the meta leader
-and is what answered 503 on a cluster.
+fetches ``[from_seq, head]`` with batched direct gets (``$JS.API.DIRECT.GET``, answered by any
+replica); an answer that ends early is confirmed with the leader, so a replica that has not
+applied the head yet never makes a read stale. Creating a consumer per read (what this used to
+do) goes through the meta leader and is what answered 503 on a cluster.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ log = logging.getLogger("mlynar.store")
 
 WRONG_LAST_SEQUENCE = 10071  # JSStreamWrongLastSequenceErrF
 DUPLICATE_IN_PROCESS = 10158  # JSStreamDuplicateMessageConflict: the same msg id is being stored now
-TRANSIENT_STATUS = {408, 412, 503}  # timeout, replica behind min_last_seq, no leader / no responders
+TRANSIENT_STATUS = {408, 503}  # timeout, no leader / no responders
 DIRECT_BATCH = 1000
+SUBSCRIPTION_HEARTBEAT = 1.0  # seconds between the server's idle heartbeats to a follower
 
 T = TypeVar("T")
 
@@ -223,32 +224,40 @@ class EventStore:
 
     async def last_seq(self) -> int:
         """The stream's head as its leader knows it (every acknowledged append is at or below)."""
+        return (await self._head())[0]
+
+    async def _head(self) -> tuple[int, int]:
+        """(last sequence, replicas) from the stream's leader."""
         info = await retrying(lambda: self.js.stream_info(STREAM), "stream info", self.retry_for)
-        return info.state.last_seq
+        return info.state.last_seq, info.config.num_replicas or 1
 
     async def read(self, subject_filter: str, from_seq: int = 1, batch: int = DIRECT_BATCH) -> list[StoredEvent]:
         """Every event on ``subject_filter`` from ``from_seq`` up to the stream's head now: every
         append acknowledged before the call is in the answer (read-your-writes), whichever
         replica answers."""
-        head = await self.last_seq()
+        head, replicas = await self._head()
         out: list[StoredEvent] = []
         seq = max(1, from_seq)
         while seq <= head:
-            got, last, more = await retrying(lambda: self._direct_batch(subject_filter, seq, head, batch),
-                                             f"read {subject_filter}", self.retry_for)
+            got, last, more = await retrying(
+                lambda: self._direct_batch(subject_filter, seq, head, batch, check=replicas > 1),
+                f"read {subject_filter}", self.retry_for)
             out.extend(e for e in got if e is not None)
             if not more or last < seq:
                 break
             seq = last + 1
         return out
 
-    async def _direct_batch(self, subject_filter: str, seq: int, head: int,
-                            batch: int) -> tuple[list[StoredEvent | None], int, bool]:
+    async def _direct_batch(self, subject_filter: str, seq: int, head: int, batch: int,
+                            check: bool) -> tuple[list[StoredEvent | None], int, bool]:
         """One batched direct get of ``subject_filter`` in ``[seq, head]``: (events, the last
-        sequence answered, whether more are left). A replica that has not applied ``head``
-        answers 412 (retried: never a stale answer)."""
-        request = {"seq": seq, "next_by_subj": subject_filter, "batch": batch,
-                   "min_last_seq": head, "up_to_seq": head}
+        sequence answered, whether more are left).
+
+        Any replica may answer a direct get, and one that has not applied ``head`` yet answers
+        short without saying so (nats-server 2.15 does not refuse on ``min_last_seq``). With
+        ``check`` (a replicated stream) an answer that ends before ``head`` is confirmed with the
+        leader (``STREAM.MSG.GET`` of the next message on the filter); a short one is retried."""
+        request = {"seq": seq, "next_by_subj": subject_filter, "batch": batch, "up_to_seq": head}
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         out: list[StoredEvent | None] = []
@@ -260,11 +269,13 @@ class EventStore:
                 headers = msg.headers or {}
                 status = headers.get("Status")
                 if status == "204":  # end of batch
-                    return out, last, int(headers.get("Nats-Num-Pending", "0")) > 0
+                    more = int(headers.get("Nats-Num-Pending", "0")) > 0
+                    break
                 if status == "404":  # nothing (more) on the filter
-                    return out, last, False
+                    more = False
+                    break
                 if status:
-                    description = (msg.headers or {}).get("Description", "")
+                    description = headers.get("Description", "")
                     if int(status) in TRANSIENT_STATUS:
                         raise TransientError(f"direct get {subject_filter} from {seq}: {status} {description}")
                     raise APIError(code=int(status), description=description)
@@ -274,6 +285,15 @@ class EventStore:
             raise TransientError(f"direct get {subject_filter} from {seq}: no answer within {self.timeout:g} s") from None
         finally:
             await sub.unsubscribe()
+        if check and not more and last < head:
+            try:
+                following = await self.js.get_msg(STREAM, seq=last + 1, subject=subject_filter, next=True)
+            except NotFoundError:
+                following = None
+            if following is not None and following.seq is not None and following.seq <= head:
+                raise TransientError(f"direct get {subject_filter} from {seq}: a replica behind the head "
+                                     f"{head} answered up to {last}")
+        return out, last, more
 
     async def load_run(self, run_id: str, from_seq: int = 1) -> tuple[list[StoredEvent], int]:
         """A run's history and its version (0 when it has none)."""
@@ -296,6 +316,10 @@ class EventStore:
         sub = await retrying(lambda: self.js.subscribe(
             filters[0] if len(filters) == 1 else "",
             ordered_consumer=True,
+            # the client recreates an ordered consumer after two missed heartbeats: at 1 s a
+            # follower is back within seconds of a NATS restart or a leader change (at the
+            # default 5 s it took 10-20 s, and every run waited for its solver that long)
+            idle_heartbeat=SUBSCRIPTION_HEARTBEAT,
             config=config,
             stream=STREAM,
             pending_msgs_limit=-1,

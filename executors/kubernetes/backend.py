@@ -8,16 +8,19 @@ with the watch API until it ends.
 * **Success** (Job condition ``Complete``): the operator container's log (plus the wrapper
   containers' output) is read into a local file, the outputs are the attempt's
   ``StepOutputReturned`` events (the upload container returned them through the API, the bytes
-  are in the blob store), then Job (propagation Background), PVC and Secret are deleted.
+  are in the blob store). Job (propagation Background), PVC and Secret are deleted by
+  ``release``, which the worker calls only after the outcome is appended: a redelivered step
+  finds the completed Job and collects it again instead of creating it anew.
 * **Failure**: a reason a user can act on — an image that cannot be pulled (named), OOMKilled,
   the timeout (``activeDeadlineSeconds`` → DeadlineExceeded), which container exited with which
-  code and the last lines it printed — plus the logs; objects are deleted unless
+  code and the last lines it printed — plus the logs; ``release`` deletes the objects unless
   ``--kube-keep-failed-jobs``.
 * **Cancel** (``attempt.cancelled``): the Job and its Pods are deleted, with the PVC and Secret.
 * **API trouble**: any failed call ends the attempt with ``AttemptResult(ok=False)`` whose error
-  names the call and the HTTP status (``kubernetes API create job ...: 403 Forbidden: ...``);
-  nothing is raised to the worker. An executor shutting down (task cancelled) leaves the Job
-  running for the next executor to re-attach.
+  names the call and the HTTP status (``kubernetes API create job ...: 403 Forbidden: ...``),
+  ``lost`` when the API did not answer or failed (5xx, 429: not the operator's failure); nothing
+  is raised to the worker. An executor shutting down (task cancelled) leaves the Job running for
+  the next executor to re-attach.
 """
 
 from __future__ import annotations
@@ -172,7 +175,14 @@ class KubernetesBackend:
             return await self._run(attempt, names, logs)
         except KubeError as exc:
             log.warning("kubernetes attempt failed", extra={"step_id": attempt.step.step_id, "error": str(exc)})
-            return AttemptResult(ok=False, error=str(exc), logs=logs if logs.exists() else None)
+            return AttemptResult(ok=False, error=str(exc), logs=logs if logs.exists() else None, lost=exc.transient)
+
+    async def release(self, attempt: Attempt, *, failed: bool) -> None:
+        """Delete the attempt's Job, PVC and Secret (kept when it failed and
+        ``--kube-keep-failed-jobs``); called after its outcome is appended."""
+        if failed and self.settings.keep_failed_jobs:
+            return
+        await self._cleanup(m.StepObjects(attempt.external_id), {})
 
     async def _run(self, a: Attempt, names: m.StepObjects, logs: Path) -> AttemptResult:
         step, ns, k = a.step, self.namespace, self.kube
@@ -194,11 +204,7 @@ class KubernetesBackend:
             log.info("step job cancelled", extra=ctx)
             return AttemptResult(ok=False, cancelled=True, error="cancelled", logs=logs)
         if outcome.state == "succeeded":
-            result = await self._outputs(a, logs)
-            await self._cleanup(names, {})
-            return result
-        if not self.settings.keep_failed_jobs:
-            await self._cleanup(names, {})
+            return await self._outputs(a, logs)  # the objects stay until release()
         log.info("step job failed", extra={**ctx, "error": outcome.error})
         return AttemptResult(ok=False, error=outcome.error, logs=logs, retryable=outcome.retryable)
 

@@ -5,7 +5,7 @@ for a connected store (stream created at R3)."""
 
 from __future__ import annotations
 
-import asyncio
+import os
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -154,3 +154,73 @@ async def cluster_stores(cluster: NatsCluster) -> AsyncIterator[Callable[..., Aw
 @pytest.fixture
 async def cluster_store(cluster_stores: Callable[..., Awaitable[EventStore]]) -> EventStore:
     return await cluster_stores()
+
+
+# ---- a small disk of its own ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> AsyncIterator[Path]:
+    """A 2 MiB tmpfs mounted for the test (we run as root in CI): a real disk that fills up."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill ``disk`` to the last byte with one file (delete it to free the space again)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (65536, 1):  # big writes, then the last partial page byte by byte
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+# ---- one executor stack in this process, on real parts ------------------------------------------
+
+
+LEDGER_OPERATOR = '''\
+import json, os, pathlib, sys, time
+item = pathlib.Path(os.environ["ITEM"]).read_text().strip() if os.environ.get("ITEM") else "-"
+with open(os.environ["LEDGER"], "a") as f:  # one line per real execution
+    f.write(f"{item} {os.getpid()}\\n")
+gate = os.environ.get("GATE")
+if gate:
+    pids = os.environ.get("PIDS")
+    if pids:
+        pathlib.Path(pids, item).write_text(str(os.getpid()))
+    deadline, poll = time.monotonic() + 120, 0.02  # the operator polls for the gate the test opens
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            sys.exit("gave up waiting for " + gate)
+        time.sleep(poll)
+out = pathlib.Path(os.environ["MLYNAR_OUTPUT_DIR"])
+(out / "result.txt").write_text(f"done {item}")
+(out / "mlynar-out.json").write_text(json.dumps({"outputs": [{"dataKind": "result", "file": "result.txt"}]}))
+'''
+
+
+def ledger_operator(tmp_path: Path) -> Path:
+    """An operator script that appends ``<item> <pid>`` to ``$LEDGER`` per real execution, waits
+    for ``$GATE`` (if set) and outputs ``done <item>`` as kind ``result``."""
+    path = tmp_path / "ledger_op.py"
+    path.write_text(LEDGER_OPERATOR)
+    return path
+
+
+def ledger_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
