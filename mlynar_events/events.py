@@ -271,11 +271,63 @@ class RunDeleted(RunEvent):
     event_type: ClassVar[str] = "RunDeleted"
 
 
+# ---- webhooks (the signing secret is never here: only a reference into the secret store) ------
+
+
+class WebhookEvent(Event):
+    abstract: ClassVar[bool] = True
+    aggregate: ClassVar[str] = "webhook"
+    webhook_id: str
+
+    def key(self) -> str:
+        return self.webhook_id
+
+
+class WebhookCreated(WebhookEvent):
+    """A subscription: every later event matching ``types``/``runs`` (empty = any) is POSTed to
+    ``url``. Delivery starts right after this event's own sequence."""
+
+    event_type: ClassVar[str] = "WebhookCreated"
+    url: str
+    types: list[str] = Field(default_factory=list)
+    runs: list[str] = Field(default_factory=list)
+    description: str = ""
+    secret_ref: str
+
+
+class WebhookSecretRotated(WebhookEvent):
+    """``secret_ref`` signs from now on; ``previous_ref`` signs too until ``grace_until``."""
+
+    event_type: ClassVar[str] = "WebhookSecretRotated"
+    secret_ref: str
+    previous_ref: str
+    grace_until: datetime
+
+
+class WebhookDisabled(WebhookEvent):
+    """Delivery failed ``failures`` times in a row at event ``event_id`` (stream sequence
+    ``sequence``) and stopped there until a ``WebhookEnabled``."""
+
+    event_type: ClassVar[str] = "WebhookDisabled"
+    failures: int
+    error: str
+    event_id: str
+    sequence: int
+
+
+class WebhookEnabled(WebhookEvent):
+    event_type: ClassVar[str] = "WebhookEnabled"
+
+
+class WebhookDeleted(WebhookEvent):
+    event_type: ClassVar[str] = "WebhookDeleted"
+
+
 STEP_OUTCOMES = (StepSucceeded, StepFailed, StepCancelled)
 
 
 def of_aggregate(aggregate: str) -> tuple[type[Event], ...]:
-    """Every event class of one aggregate (``run``, ``datakind``, ``operator``, ``machine``)."""
+    """Every event class of one aggregate (``run``, ``datakind``, ``operator``, ``machine``, ``webhook``)."""
     return tuple(cls for cls in CATALOGUE.values() if cls.aggregate == aggregate)
 
 
@@ -353,4 +405,4 @@ class StoredEvent:
         return self.envelope.time
 
 
-AggregateName = Literal["run", "datakind", "operator", "machine"]
+AggregateName = Literal["run", "datakind", "operator", "machine", "webhook"]
