@@ -47,11 +47,13 @@ async def browser() -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def page(browser: Browser) -> AsyncIterator[Page]:
-    """A fresh page (its own sessionStorage); fails the test on any script error in the page."""
+    """A fresh page (its own sessionStorage); fails the test on any script error in the page and
+    on anything its Content-Security-Policy blocked (the page must need nothing the CSP forbids)."""
     context = await browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     p = await context.new_page()
     errors: list[str] = []
     p.on("pageerror", lambda e: errors.append(str(e)))
+    p.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     try:
         yield p
     finally:
