@@ -33,7 +33,8 @@ from pydantic import BaseModel, Field
 OK, STEP_FAILED, USAGE, TERMINATED, REFUSED, AUTH, UNREACHABLE, INTERRUPTED = 0, 1, 2, 3, 4, 5, 6, 130
 
 TOKEN_VARIABLE = "MLYNAR_TOKEN"
-"""The token itself is a variable only: as a flag it would be visible to every user in ``ps``."""
+"""The token itself is a variable only (used when no token file is given): as a flag it would be
+visible to every user in ``ps``."""
 
 
 class ClientSettings(BaseModel):
@@ -42,15 +43,13 @@ class ClientSettings(BaseModel):
     the service's own settings, so the two can never drift."""
 
     api: str = Field("http://127.0.0.1:3000", description="base URL of the Mlynar Events REST API")
-    token_file: Path | None = Field(None, description="file holding the API's bearer token (or set MLYNAR_TOKEN)")
+    token_file: Path | None = Field(None, description="file holding the API's bearer token (without one: MLYNAR_TOKEN)")
 
     def token(self) -> str | None:
-        """``MLYNAR_TOKEN`` wins over the file (a CI job sets the variable from its secret store)."""
-        token = os.environ.get(TOKEN_VARIABLE, "").strip()
-        if token:
-            return token
+        """The token file's (``--token-file`` or ``MLYNAR_TOKEN_FILE``), else ``MLYNAR_TOKEN``'s
+        (what a CI job sets from its secret store), else none."""
         if self.token_file is None:
-            return None
+            return os.environ.get(TOKEN_VARIABLE, "").strip() or None
         try:
             return self.token_file.read_text().strip() or None
         except OSError as exc:

@@ -259,8 +259,8 @@ async def watch(api: Api, run: Run, out: Console) -> RunFold:
         out.print(f"watching run {run.id} (Ctrl-C stops watching, not the run)", style="dim")
     with Display(fold, out) as display:
         for step in fold.steps.values():
-            if step.status in FINISHED_STEP:
-                display.finished(step, None)
+            if step.status in FINISHED_STEP:  # its log, if any, is readable by now
+                display.finished(step, await step_log(api, run.id, step.id, wait=0) if step.status == "failure" else None)
         if fold.final is None:
             async with contextlib.aclosing(events(api, run.id, fold.seq)) as stream:
                 async for seq, event in stream:

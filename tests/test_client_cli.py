@@ -113,9 +113,13 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         service.stop()
 
 
-def cli(env: dict[str, str], *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+def cli(env: dict[str, str], *args: str, **extra: str | None) -> subprocess.CompletedProcess[str]:
+    """``mlynar ARGS`` as a user with ``MLYNAR_API`` and the token file set (``extra`` variables
+    added, or removed when None)."""
     user_env = clean_env(MLYNAR_API=env["MLYNAR_API"], MLYNAR_TOKEN_FILE=env["MLYNAR_TOKEN_FILE"], COLUMNS="200")
-    user_env.update(extra)
+    user_env.update({k: v for k, v in extra.items() if v is not None})
+    for k in [k for k, v in extra.items() if v is None]:
+        user_env.pop(k, None)
     return subprocess.run([*MLYNAR, *args], cwd=REPO, env=user_env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=60)
 
@@ -372,7 +376,7 @@ def test_a_dropped_event_stream_is_resumed_from_the_last_event(api: dict[str, st
 
 
 def test_errors_are_one_line_with_the_api_message(api: dict[str, str], applied: dict[str, str]) -> None:
-    wrong = cli(api, "get", "runs", MLYNAR_TOKEN="not-the-token")
+    wrong = cli(api, "get", "runs", MLYNAR_TOKEN="not-the-token", MLYNAR_TOKEN_FILE=None)
     assert wrong.returncode == 5
     assert one_line_error(wrong) == "mlynar: invalid bearer token (HTTP 403)"
 
