@@ -213,6 +213,10 @@ def test_a_failing_step_exits_non_zero_with_its_log(api: dict[str, str], applied
     run_id = RUN_ID.search(p.stdout)[1]  # type: ignore[index]
     logs = cli(api, "run", "logs", run_id, "fail")
     assert logs.returncode == 0 and "fail: refusing to process" in logs.stdout, logs.stderr
+    deleted = cli(api, "run", "delete", run_id)
+    assert deleted.returncode == 0 and f"run {run_id} deleted" in deleted.stdout, deleted.stderr
+    again = cli(api, "delete", "run", run_id)
+    assert again.returncode == 4 and "does not exist (HTTP 404)" in one_line_error(again)
 
 
 def _read_until(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
