@@ -6,8 +6,9 @@ What it reproduces (as documented on kubernetes.io, "API Concepts", "Jobs", "Pod
 "Garbage Collection", "Init Containers"):
 
 * REST paths of core/v1 (pods, persistentvolumeclaims, secrets, pods/log), batch/v1 jobs and the
-  namespaced custom resources ``datakinds``/``operators`` of ``mlynar.dev/v1alpha1``; bearer-token
-  authentication (401 without the kubeconfig's token).
+  namespaced custom resources ``datakinds``/``operators`` of ``mlynar.dev/v1alpha1``, each also
+  listed and watched across all namespaces (``/apis/<group>/<version>/<plural>``, GET only);
+  bearer-token authentication (401 without the kubeconfig's token).
 * ``metadata.resourceVersion`` from one global counter (like etcd's revision), ``uid``,
   ``creationTimestamp``; create answers 201, and ``409 AlreadyExists`` as a ``Status`` object for
   an existing name; get/delete of a missing object answer ``404 NotFound``; Secret ``stringData``
@@ -39,12 +40,27 @@ What it reproduces (as documented on kubernetes.io, "API Concepts", "Jobs", "Pod
 
 How containers "run": the wrapper image (``wrapper_image``) runs its real ``command`` — our own
 ``python -m executors.kubernetes.wrapper ...`` — as a subprocess with the container's environment;
-``test/python`` runs ``args`` with this Python; ``test/oom`` ends ``OOMKilled`` (137);
+``test/python`` (any tag) runs ``args`` with this Python; ``test/oom`` ends ``OOMKilled`` (137);
 ``test/sleep`` runs until killed; any other image cannot be pulled. Volume mount paths in env
 values and args are rewritten to the PVC's directory on the test machine.
 
+Users and file permissions (only when the tests run as root and a Python every uid can run is
+found, :attr:`FakeKube.honours_users`; else every process runs as the test's user): a container's process runs with the uid/gid the kubelet
+would give it — ``securityContext.runAsUser``/``runAsGroup`` of the container, else of the pod,
+else the image's ``USER`` (:attr:`FakeKube.image_users`, by image reference; root when unset, as
+for an image without ``USER``) — and the supplementary groups ``fsGroup`` and
+``supplementalGroups``. ``runAsNonRoot: true`` with uid 0 leaves the container
+``CreateContainerConfigError`` ("container has runAsNonRoot and image will run as root"). A
+process running as root keeps only the container's capabilities: the runtime's default set, minus
+``capabilities.drop`` (``ALL``), plus ``capabilities.add`` (its bounding set is cut before exec,
+so a dropped ``CAP_DAC_OVERRIDE`` really cannot read another uid's ``0600`` file). With ``fsGroup``
+the PVC's files are given that group, group read/write and set-gid directories before the first
+container starts (the kubelet's volume ownership management). Volumes live in a directory every
+uid can traverse.
+
 What it does not reproduce: scheduling, nodes, resource enforcement, container isolation (the
-processes share the test machine; file ownership and ``securityContext`` are ignored), graceful
+processes share the test machine's file system and network; ``readOnlyRootFilesystem``,
+``allowPrivilegeEscalation``, seccomp and SELinux options are ignored), graceful
 deletion (objects go away at once, processes get SIGKILL, no ``deletionTimestamp``), PVC binding
 modes (PVCs are Bound at once), Job retries (``backoffLimit`` > 0), ``ttlSecondsAfterFinished``,
 pod failure policies, field validation, PATCH/PUT over HTTP (tests change custom resources with
@@ -61,8 +77,10 @@ import copy
 import json
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import uuid
 from collections import Counter
 from datetime import datetime, timezone
@@ -89,6 +107,62 @@ GROUP = {"api/v1": "", "apis/batch/v1": "batch", "apis/mlynar.dev/v1alpha1": "ml
 
 
 GO_TRUE = {"1", "t", "T", "TRUE", "true", "True"}
+
+TEST_IMAGES = {"test/python", "test/oom", "test/sleep"}  # by repository, any tag
+# What containerd/CRI-O give a container unless its securityContext says otherwise.
+DEFAULT_CAPABILITIES = {"CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
+                        "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE"}
+# Linux capability numbers (include/uapi/linux/capability.h) of the names a test may use.
+CAPABILITY_NUMBERS = {"CHOWN": 0, "DAC_OVERRIDE": 1, "DAC_READ_SEARCH": 2, "FOWNER": 3, "FSETID": 4, "KILL": 5,
+                      "SETGID": 6, "SETUID": 7, "SETPCAP": 8, "NET_BIND_SERVICE": 10, "NET_RAW": 13,
+                      "SYS_CHROOT": 18, "MKNOD": 27, "AUDIT_WRITE": 29, "SETFCAP": 31}
+PR_CAPBSET_DROP = 24
+
+
+def repository(image: str) -> str:
+    """The image reference without its tag or digest (``registry:5000/a/b:1`` → ``registry:5000/a/b``)."""
+    image = image.split("@", 1)[0]
+    name, sep, tag = image.rpartition(":")
+    return name if sep and "/" not in tag else image
+
+
+def _python_for_any_uid() -> tuple[str, str] | None:
+    """An interpreter and PYTHONPATH with which a process of another uid can import our code and
+    its dependencies: this Python when its installation is readable by everyone, else the same
+    minor version from the system's default PATH with our site-packages on PYTHONPATH (a Python
+    under a private home directory, e.g. pyenv in /root, is not). None when there is neither."""
+    import subprocess
+
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    pythonpath = os.pathsep.join([str(REPO), *site])
+    name = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    candidates = [sys.executable, shutil.which(name, path=f"/usr/local/bin:{os.defpath}")]
+    for exe in dict.fromkeys(c for c in candidates if c):
+        try:
+            probe = subprocess.run([exe, "-c", "import pydantic, executors.kubernetes.wrapper"], capture_output=True,
+                                   env={"PYTHONPATH": pythonpath, "PATH": os.defpath}, cwd="/", timeout=60,
+                                   user=65534, group=65534, extra_groups=[])
+        except OSError:
+            continue
+        if probe.returncode == 0:
+            return exe, pythonpath
+    return None
+
+
+def _keep_only_capabilities(keep: set[int]) -> Any:
+    """A ``preexec_fn`` that cuts the bounding set to ``keep``: a uid-0 process exec'ed after it
+    has exactly those capabilities (its permitted set is the bounding set)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+
+    def drop() -> None:
+        for cap in range(last + 1):
+            if cap not in keep and libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {cap})")
+
+    return drop
 
 
 def now() -> str:
@@ -145,10 +219,23 @@ class FakeKube:
         self.created: Counter[tuple[str, str]] = Counter()  # (plural, name) -> successful creates
         self.requests: list[tuple[str, str, str]] = []  # (method, path, query string)
         self.image_pull_delay = 0.05
+        # container processes: this Python, or (switching uids) one that every uid can run
+        self.python, self.pythonpath = sys.executable, str(REPO)
+        found = _python_for_any_uid() if os.geteuid() == 0 else None
+        if found:
+            self.python, self.pythonpath = found
+        self.honours_users = found is not None
+        # an image's USER as (uid, gid); the wrapper image is deploy/Dockerfile's USER 10001:10001
+        self.image_users: dict[str, tuple[int, int]] = {wrapper_image: (10001, 10001)}
+        # PVC directories and containers' working directories: traversable by every uid (the
+        # test's tmp_path is private to its user)
+        self.volumes = Path(tempfile.mkdtemp(prefix="kube-fake-volumes-"))
+        self.volumes.chmod(0o711)
         self._tasks: set[asyncio.Task] = set()
         self._procs: dict[str, asyncio.subprocess.Process] = {}  # pod uid/container -> process
         self._killed: dict[str, asyncio.Event] = {}  # pod uid -> set when deleted
         self._watch_generation = 0
+        self.stopping = False
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -157,6 +244,8 @@ class FakeKube:
     async def start(self) -> str:
         app = web.Application(middlewares=[self._middleware])
         app.router.add_route("*", "/{prefix:api/v1|apis/batch/v1|apis/mlynar.dev/v1alpha1}/namespaces/{ns}/{plural}", self._collection)
+        # all namespaces at once (list/watch only, as for every namespaced resource)
+        app.router.add_route("*", "/{prefix:api/v1|apis/batch/v1|apis/mlynar.dev/v1alpha1}/{plural:pods|persistentvolumeclaims|secrets|jobs|datakinds|operators}", self._collection)
         app.router.add_route("*", "/{prefix:api/v1|apis/batch/v1|apis/mlynar.dev/v1alpha1}/namespaces/{ns}/{plural}/{name}", self._item)
         app.router.add_get("/api/v1/namespaces/{ns}/pods/{name}/log", self._log)
         self.runner = web.AppRunner(app, access_log=None)
@@ -168,6 +257,10 @@ class FakeKube:
         return self.url
 
     async def stop(self) -> None:
+        # the controller loops end on this too: asyncio.wait_for in Python 3.11 can swallow a
+        # cancellation that arrives as its timeout fires, and a Pod that never ends (a refused
+        # container nobody deletes) would keep its Job controller polling forever
+        self.stopping = True
         await self.drop_watches()
         for key in list(self._killed):
             self._killed[key].set()
@@ -178,6 +271,7 @@ class FakeKube:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()
+        shutil.rmtree(self.volumes, ignore_errors=True)
 
     def kubeconfig(self, path: Path) -> Path:
         path.write_text(yaml.safe_dump({
@@ -240,9 +334,10 @@ class FakeKube:
             obj.setdefault("apiVersion", "mlynar.dev/v1alpha1")
         return await self.put(prefix, plural, obj)
 
-    async def remove(self, plural: str, name: str, propagation: str = "Background") -> bool:
+    async def remove(self, plural: str, name: str, propagation: str = "Background", *, namespace: str | None = None) -> bool:
+        """What ``kubectl delete`` does (in ``namespace``, default the stand-in's own)."""
         prefix = next(p for (p, pl) in RESOURCES if pl == plural)
-        return await self._delete((prefix, plural, self.namespace, name), propagation)
+        return await self._delete((prefix, plural, namespace or self.namespace, name), propagation)
 
     async def _delete(self, key: tuple[str, str, str, str], propagation: str) -> bool:
         obj = self.objects.get(key)
@@ -278,8 +373,6 @@ class FakeKube:
                 if name.startswith(uid):
                     _kill(proc)
         elif key[1] == "persistentvolumeclaims":
-            import shutil
-
             shutil.rmtree(self._pv_dir(obj["metadata"]["name"]), ignore_errors=True)
 
     def compact(self) -> None:
@@ -307,14 +400,17 @@ class FakeKube:
             return status(self.fail_with, "InternalError", "Internal error occurred: etcdserver: request timed out")
         return await handler(request)
 
-    def _resource(self, request: web.Request) -> tuple[str, str, str]:
+    def _resource(self, request: web.Request) -> tuple[str, str, str | None]:
+        """(prefix, plural, namespace); namespace None: the all-namespaces path."""
         prefix, plural = request.match_info["prefix"], request.match_info["plural"]
         if (prefix, plural) not in RESOURCES:
             raise web.HTTPNotFound()
-        return prefix, plural, request.match_info["ns"]
+        return prefix, plural, request.match_info.get("ns")
 
     async def _collection(self, request: web.Request) -> web.StreamResponse:
         prefix, plural, ns = self._resource(request)
+        if ns is None and request.method != "GET":
+            return status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
         if request.method == "POST":
             return await self._create(request, prefix, plural, ns)
         if request.method != "GET":
@@ -323,7 +419,7 @@ class FakeKube:
         if q.get("watch") in GO_TRUE:  # query booleans parse like Go's strconv.ParseBool
             return await self._watch(request, prefix, plural, ns)
         items = [o for (p, pl, n, _), o in sorted(self.objects.items())
-                 if (p, pl, n) == (prefix, plural, ns) and match_labels(q.get("labelSelector"), o["metadata"].get("labels", {}))
+                 if (p, pl) == (prefix, plural) and ns in (None, n) and match_labels(q.get("labelSelector"), o["metadata"].get("labels", {}))
                  and match_fields(q.get("fieldSelector"), o)]
         return web.json_response({"kind": RESOURCES[(prefix, plural)] + "List", "apiVersion": API_VERSION[prefix],
                                   "metadata": {"resourceVersion": str(self.rv)}, "items": items})
@@ -382,7 +478,7 @@ class FakeKube:
                                       "details": {"name": key[3], "group": group, "kind": plural, "uid": obj["metadata"]["uid"]}})
         return status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
 
-    async def _watch(self, request: web.Request, prefix: str, plural: str, ns: str) -> web.StreamResponse:
+    async def _watch(self, request: web.Request, prefix: str, plural: str, ns: str | None) -> web.StreamResponse:
         q = request.query
         timeout = float(q.get("timeoutSeconds", 1800))
         rv = q.get("resourceVersion")
@@ -392,7 +488,7 @@ class FakeKube:
         await resp.prepare(request)
 
         def wanted(key: tuple[str, str, str, str], obj: dict[str, Any]) -> bool:
-            return key[:3] == (prefix, plural, ns) and match_labels(labels, obj["metadata"].get("labels", {})) \
+            return key[:2] == (prefix, plural) and ns in (None, key[2]) and match_labels(labels, obj["metadata"].get("labels", {})) \
                 and match_fields(fields, obj)
 
         async def send(kind: str, obj: dict[str, Any]) -> None:
@@ -477,7 +573,7 @@ class FakeKube:
         kubelet = self._spawn(self._kubelet(pod_key))
         deadline = job["spec"].get("activeDeadlineSeconds")
         try:
-            while True:
+            while not self.stopping:
                 if key not in self.objects or self.objects[key]["metadata"]["uid"] != uid:
                     return  # the Job was deleted
                 current = self.objects.get(pod_key)
@@ -520,7 +616,44 @@ class FakeKube:
     # ---- kubelet ---------------------------------------------------------------------------------
 
     def _pv_dir(self, pvc: str) -> Path:
-        return self.root / "pv" / pvc
+        return self.volumes / "pv" / pvc
+
+    def _apply_fs_group(self, directory: Path, gid: int) -> None:
+        """The kubelet's volume ownership management for ``fsGroup``: every file gets the group
+        and group read/write (directories also execute and set-gid, so new files inherit it)."""
+        for path in [directory, *directory.rglob("*")]:
+            st = path.lstat()
+            if path.is_symlink():
+                continue
+            os.chown(path, -1, gid)
+            mode = st.st_mode & 0o7777
+            path.chmod(mode | (0o2070 if path.is_dir() else 0o060))
+
+    def _identity(self, pod: dict[str, Any], c: dict[str, Any]) -> dict[str, Any]:
+        """How the runtime would start this container's process: ``user``, ``group``,
+        ``extra_groups`` and the capabilities it keeps, or ``refused`` (runAsNonRoot and root).
+        Empty when the tests do not run as root (nothing can be switched)."""
+        psc = pod["spec"].get("securityContext") or {}
+        csc = c.get("securityContext") or {}
+        image_uid, image_gid = self.image_users.get(c["image"], (0, 0))
+        uid = csc.get("runAsUser", psc.get("runAsUser", image_uid))
+        # without runAsGroup: the image's group for the image's own user, else the root group
+        gid = csc.get("runAsGroup", psc.get("runAsGroup", image_gid if uid == image_uid else 0))
+        if csc.get("runAsNonRoot", psc.get("runAsNonRoot")) and uid == 0:
+            return {"refused": "container has runAsNonRoot and image will run as root "
+                               f'(pod: "{pod["metadata"]["name"]}_{pod["metadata"]["namespace"]}'
+                               f'({pod["metadata"]["uid"]})", container: {c["name"]})'}
+        if not self.honours_users:
+            return {}
+        groups = [g for g in [psc.get("fsGroup"), *psc.get("supplementalGroups", [])] if g is not None]
+        identity: dict[str, Any] = {"user": uid, "group": gid, "extra_groups": groups}
+        if uid == 0:
+            caps = set(DEFAULT_CAPABILITIES)
+            wanted = csc.get("capabilities") or {}
+            drop, add = set(wanted.get("drop") or []), set(wanted.get("add") or [])
+            caps = (set() if "ALL" in drop else caps - drop) | add
+            identity["preexec_fn"] = _keep_only_capabilities({CAPABILITY_NUMBERS[n] for n in caps})
+        return identity
 
     def _log_path(self, pod: dict[str, Any], container: str) -> Path:
         return self.root / "logs" / pod["metadata"]["uid"] / f"{container}.log"
@@ -535,7 +668,7 @@ class FakeKube:
 
     async def _wait_for(self, predicate: Any, killed: asyncio.Event) -> bool:
         while not predicate():
-            if killed.is_set():
+            if killed.is_set() or self.stopping:
                 return False
             async with self.changed:
                 try:
@@ -573,6 +706,10 @@ class FakeKube:
         await self._update_pod(key, lambda s: (s.update(conditions=[{"type": "PodScheduled", "status": "True"}],
                                                          startTime=now(), hostIP="10.0.0.1", podIP="10.1.0.7"), set_status(s)))
         mounts_root = {c: self._pv_dir(c) for c in claims}
+        fs_group = (spec.get("securityContext") or {}).get("fsGroup")
+        if self.honours_users and fs_group is not None:
+            for directory in mounts_root.values():
+                self._apply_fs_group(directory, fs_group)
         for index, c in enumerate(inits + mains):
             is_init = index < len(inits)
             field, pos = ("initContainerStatuses", index) if is_init else ("containerStatuses", index - len(inits))
@@ -599,7 +736,7 @@ class FakeKube:
                 return
 
     def _env(self, pod: dict[str, Any], c: dict[str, Any], rewrite: Any) -> tuple[dict[str, str] | None, str | None]:
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.root), "PYTHONPATH": str(REPO),
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(self.root), "PYTHONPATH": self.pythonpath,
                "HOSTNAME": pod["metadata"]["name"]}
         for e in c.get("env", []):
             if "value" in e:
@@ -632,12 +769,17 @@ class FakeKube:
                 st["state"] = {"waiting": {"reason": reason, **({"message": message} if message else {})}}
             return change
 
-        if image not in {self.wrapper_image, "test/python", "test/oom", "test/sleep"}:
+        if image != self.wrapper_image and repository(image) not in TEST_IMAGES:
             message = (f'Failed to pull image "{image}": rpc error: code = NotFound desc = failed to pull and unpack '
                        f'image "{image}": not found')
             await self._update_pod(key, set_waiting("ErrImagePull", message))
             await asyncio.sleep(self.image_pull_delay)
             await self._update_pod(key, set_waiting("ImagePullBackOff", f'Back-off pulling image "{image}"'))
+            await killed.wait()
+            return None, ""
+        identity = self._identity(pod, c)
+        if "refused" in identity:
+            await self._update_pod(key, set_waiting("CreateContainerConfigError", identity["refused"]))
             await killed.wait()
             return None, ""
         env, problem = self._env(pod, c, rewrite)
@@ -656,23 +798,25 @@ class FakeKube:
 
         if not await self._update_pod(key, running):
             return None, ""
-        if image == "test/oom":
+        if repository(image) == "test/oom":
             log_path.write_text("allocating...\n")
             return 137, "OOMKilled"
-        if image == "test/sleep":
+        if repository(image) == "test/sleep":
             log_path.write_text("sleeping until stopped\n")
             await killed.wait()
             return None, ""
         argv = [rewrite(a) for a in (c.get("command") or []) + (c.get("args") or [])]
-        if image == "test/python" and not c.get("command"):
-            argv = [sys.executable] + argv
+        if repository(image) == "test/python" and not c.get("command"):
+            argv = [self.python] + argv
         elif argv and argv[0] == "python":
-            argv[0] = sys.executable
-        workdir = self.root / "cwd" / uid / c["name"]
+            argv[0] = self.python
+        workdir = self.volumes / "cwd" / uid / c["name"]
         workdir.mkdir(parents=True, exist_ok=True)
+        if identity:
+            os.chown(workdir, identity["user"], identity["group"])
         with open(log_path, "ab") as out:
             proc = await asyncio.create_subprocess_exec(*argv, env=env, cwd=workdir, stdout=out, stderr=out,
-                                                        start_new_session=True)
+                                                        start_new_session=True, **identity)
         self._procs[f"{uid}/{c['name']}"] = proc
         try:
             code = await proc.wait()

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 import yaml
 
+from executors.kubernetes import manifests
 from executors.worker import DURABLE
 from kube_fake import TEST_NAMESPACE, FakeKube
 from mlynar_events import credentials
@@ -107,7 +108,7 @@ def first_version(fake: FakeKube, plural: str, name: str) -> dict[str, Any]:
 async def operator_running(fake: FakeKube) -> dict[str, Any] | None:
     for pod in fake.list("pods"):
         for st in pod["status"].get("initContainerStatuses", []):
-            if st["name"] == "operator" and "running" in st["state"]:
+            if manifests.container_role(st["name"]) == "operator" and "running" in st["state"]:
                 return pod
     return None
 
@@ -140,21 +141,31 @@ async def test_mlynar_readme_flow_runs_as_jobs(kube, fake: FakeKube) -> None:
 
     # the Job as created: labels, backoffLimit, deadline, the three containers, env order, volume
     sum_step = steps["sum"]
-    job = first_version(fake, "jobs", sum_step["jobName"])
+    job_name = sum_step["jobName"]
+    job = first_version(fake, "jobs", job_name)
     labels = job["metadata"]["labels"]
     assert labels["app.kubernetes.io/managed-by"] == "mlynar"
     assert labels["mlynar.dev/run"] == run_id and labels["mlynar.dev/step"] == sum_step["id"]
+    # the original's labels too: its users select a run's pods with -l run=<id>, all with -l mlynar=step
+    pod = first_version(fake, "pods", next(n for (p, n) in _pods_of(fake, job_name)))
+    for obj in (job, job["spec"]["template"], pod, first_version(fake, "persistentvolumeclaims", sum_step["pvcName"])):
+        assert obj["metadata"]["labels"]["run"] == run_id and obj["metadata"]["labels"]["mlynar"] == "step"
     assert job["spec"]["backoffLimit"] == 0 and job["spec"]["activeDeadlineSeconds"] == 60
     pod_spec = job["spec"]["template"]["spec"]
-    assert [c["name"] for c in pod_spec["initContainers"]] == ["download", "operator"]
-    assert [c["name"] for c in pod_spec["containers"]] == ["upload"]
+    # the original's container names and paths: PVC at /data, inputs /data/<unitId>, outputs /data/output
+    assert [c["name"] for c in pod_spec["initContainers"]] == [f"{job_name}-download", f"{job_name}-operator"]
+    assert [c["name"] for c in pod_spec["containers"]] == [f"{job_name}-upload"]
+    assert all(c["volumeMounts"] == [{"name": "work", "mountPath": "/data"}]
+               for c in pod_spec["initContainers"] + pod_spec["containers"])
     assert pod_spec["initContainers"][0]["image"] == fake.wrapper_image
     assert pod_spec["initContainers"][0]["command"] == ["python", "-m", "executors.kubernetes.wrapper", "download"]
     op = pod_spec["initContainers"][1]
     assert op["image"] == "test/python" and op["args"] == [str(OPS), "sum"]
+    assert "securityContext" not in op, "the operator runs as its image's USER"
     assert [e["name"] for e in op["env"]] == ["SOME_ENV_VAR", "MULTIPLY_BY", "INPUT_ARRAY", "MLYNAR_OUTPUT_DIR"]
     env = {e["name"]: e["value"] for e in op["env"]}
-    assert env["MULTIPLY_BY"] == "5" and env["INPUT_ARRAY"] == "/mlynar/inputs/0/numbers.json"
+    assert env["MULTIPLY_BY"] == "5" and env["INPUT_ARRAY"] == f"/data/{unit['id']}"
+    assert env["MLYNAR_OUTPUT_DIR"] == "/data/output"
     assert not any("CREDENTIAL" in e["name"] for e in op["env"]), "the operator never sees the step credential"
     assert pod_spec["volumes"] == [{"name": "work", "persistentVolumeClaim": {"claimName": sum_step["pvcName"]}}]
     upload_env = {e["name"]: e for e in pod_spec["containers"][0]["env"]}
@@ -175,6 +186,101 @@ async def test_mlynar_readme_flow_runs_as_jobs(kube, fake: FakeKube) -> None:
 
 async def _async(value: Any) -> Any:
     return value
+
+
+def _pods_of(fake: FakeKube, job: str) -> list[tuple[str, str]]:
+    """(plural, name) of every pod the stand-in's Job controller created for ``job``."""
+    return [("pods", obj["metadata"]["name"]) for _, key, kind, obj in fake.events
+            if key[1] == "pods" and kind == "ADDED" and obj["metadata"]["labels"].get("job-name") == job]
+
+
+async def test_operator_image_of_another_uid_with_private_outputs(kube, fake: FakeKube) -> None:
+    """An operator image with its own ``USER`` (here uid 1000, the ``node`` user of the original's
+    example images) that edits its input in place and writes 0600 outputs in a 0700 directory:
+    the step succeeds, the upload reads what it wrote. The stand-in runs every container as the
+    uid Kubernetes would and enforces file permissions and capabilities for real."""
+    if not fake.honours_users:
+        pytest.skip("the Kubernetes stand-in switches uids only when the tests run as root")
+    fake.image_users["test/python:node"] = (1000, 1000)
+    api = await kube()
+    await declare(api, operator("private", image="test/python:node", inputs=[("INPUT_ARRAY", "number-array-json")],
+                                outputs=["number-array-sum-json"]))
+    for name in ("sum", "length", "average"):  # only this operator consumes the kind
+        assert (await api.call("DELETE", f"/api/operators/{name}"))[0] == 200
+    run_id, _ = await one_step_run(api, "number-array-json", b"[1,2,3]")
+    step = await wait_step(api, run_id, "success", "failure", timeout=30)
+    status, logs = await api.call("GET", f"/api/run/{run_id}/steps/{step['id']}/logs")
+    assert step["status"] == "success", (step.get("error"), logs)
+    assert "operator private running as uid 1000 gid 1000" in logs and "with mode 0o600" in logs
+    run = await api.run(run_id)
+    (out,) = [u for u in run["dataPool"] if u["dataKind"] == "number-array-sum-json"]
+    assert await api.content(out["url"]) == b'{"sum":6}'
+    job = first_version(fake, "jobs", step["jobName"])["spec"]["template"]["spec"]
+    upload = job["containers"][0]["securityContext"]
+    assert upload["runAsUser"] == 0 and upload["capabilities"] == {"drop": ["ALL"], "add": ["DAC_OVERRIDE"]}
+    assert upload["allowPrivilegeEscalation"] is False and upload["readOnlyRootFilesystem"] is True
+    assert job["initContainers"][0]["securityContext"]["runAsUser"] == manifests.WRAPPER_UID
+
+
+async def test_stand_in_runs_containers_as_their_uid_with_their_capabilities(fake: FakeKube) -> None:
+    """The stand-in's uid/capability model itself (what the test above relies on): a root
+    container without DAC_OVERRIDE cannot read another uid's 0600 file, with it it can, and
+    runAsNonRoot refuses root."""
+    if not fake.honours_users:
+        pytest.skip("the Kubernetes stand-in switches uids only when the tests run as root")
+    fake.image_users["test/python:node"] = (1000, 1000)
+    script = ("import os,sys,pathlib; p=pathlib.Path(sys.argv[1]); "
+              "(p.write_text('secret'), p.chmod(0o600)) if sys.argv[2]=='write' else print(p.read_text()); "
+              "print('uid', os.getuid(), 'groups', sorted(os.getgroups()))")
+
+    def container(name: str, image: str, mode: str, **sc: Any) -> dict[str, Any]:
+        c = {"name": name, "image": image, "args": ["-c", script, "/data/f", mode],
+             "volumeMounts": [{"name": "v", "mountPath": "/data"}]}
+        return {**c, "securityContext": sc} if sc else c
+
+    async def run_job(name: str, reader: dict[str, Any]) -> dict[str, Any]:
+        headers = {"Authorization": "Bearer fake-kube-token"}
+        async with aiohttp.ClientSession(fake.url, headers=headers) as http:
+            base = f"/api/v1/namespaces/{NS}"
+            assert (await http.post(f"{base}/persistentvolumeclaims", json={
+                "metadata": {"name": f"{name}-pvc"}, "spec": {"resources": {"requests": {"storage": "1Gi"}}}})).status == 201
+            job = {"metadata": {"name": name}, "spec": {"backoffLimit": 0, "template": {"spec": {
+                "restartPolicy": "Never", "securityContext": {"fsGroup": 4242},
+                "initContainers": [container("writer", "test/python:node", "write")], "containers": [reader],
+                "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": f"{name}-pvc"}}]}}}}
+            assert (await http.post(f"/apis/batch/v1/namespaces/{NS}/jobs", json=job)).status == 201
+
+        def finished() -> dict[str, Any] | None:
+            pods = [p for p in fake.list("pods", NS) if p["metadata"]["labels"].get("job-name") == name]
+            return pods[0] if pods and pods[0]["status"].get("phase") in {"Succeeded", "Failed"} else None
+
+        return await wait_until(lambda: _async(finished()), 20, what=f"job {name} to finish")
+
+    def log(pod: dict[str, Any], c: str) -> str:
+        return fake._log_path(pod, c).read_text()
+
+    pod = await run_job("no-caps", container("reader", "test/python", "read", runAsUser=0, capabilities={"drop": ["ALL"]}))
+    assert pod["status"]["phase"] == "Failed" and "PermissionError" in log(pod, "reader")
+    assert "uid 1000 groups [4242]" in log(pod, "writer")
+    pod = await run_job("dac", container("reader", "test/python", "read", runAsUser=0,
+                                         capabilities={"drop": ["ALL"], "add": ["DAC_OVERRIDE"]}))
+    assert pod["status"]["phase"] == "Succeeded" and log(pod, "reader").startswith("secret")
+    pod = await run_job("other-uid", container("reader", "test/python", "read", runAsUser=2000))
+    assert pod["status"]["phase"] == "Failed" and "PermissionError" in log(pod, "reader")
+
+    refused = container("reader", "test/python", "read", runAsNonRoot=True)
+    headers = {"Authorization": "Bearer fake-kube-token"}
+    async with aiohttp.ClientSession(fake.url, headers=headers) as http:
+        job = {"metadata": {"name": "root"}, "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [refused]}}}}
+        assert (await http.post(f"/apis/batch/v1/namespaces/{NS}/jobs", json=job)).status == 201
+
+    def waiting_reason() -> str | None:
+        pods = [p for p in fake.list("pods", NS) if p["metadata"]["labels"].get("job-name") == "root"]
+        statuses = pods[0]["status"].get("containerStatuses") if pods else None
+        return (statuses[0]["state"].get("waiting") or {}).get("reason") if statuses else None
+
+    await wait_until(lambda: _async(waiting_reason() == "CreateContainerConfigError" or None), 10,
+                     what="runAsNonRoot to refuse a root container")
 
 
 async def test_storage_class_and_pvc_size_from_settings(kube, fake: FakeKube) -> None:

@@ -74,7 +74,7 @@ def _latest_pod(pods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
 
 def _limit(pod: dict[str, Any], container: str, resource: str) -> str | None:
     for c in (pod.get("spec") or {}).get("initContainers", []) + (pod.get("spec") or {}).get("containers", []):
-        if c.get("name") == container:
+        if m.container_role(c.get("name", "")) == container:
             return ((c.get("resources") or {}).get("limits") or {}).get(resource)
     return None
 
@@ -83,7 +83,7 @@ def pod_problem(pod: dict[str, Any]) -> tuple[str, str | None, bool] | None:
     """(reason, container, retryable) when the pod has failed or cannot start; else None."""
     status = pod.get("status") or {}
     for st in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
-        name = st.get("name", "?")
+        name = m.container_role(st.get("name", "?"))  # <job>-operator -> operator
         state = st.get("state") or {}
         waiting, term = state.get("waiting"), state.get("terminated")
         if waiting and waiting.get("reason") in PULL_ERRORS:
@@ -296,14 +296,14 @@ class KubernetesBackend:
         operator = dest.with_name("operator.log")
         try:
             await k.stream_to_file(f"read log of pod {name} container operator", k.core.read_namespaced_pod_log,
-                                   operator, name, self.namespace, container="operator")
+                                   operator, name, self.namespace, container=m.pod_container(pod, "operator"))
         except KubeError as exc:
             operator.write_text(f"(operator logs unavailable: {exc})\n")
         parts = [operator.read_bytes()]
         tails: dict[str, str] = {}
         for container in ("download", "upload"):
             try:
-                text = await self._small_log(name, container, dest.with_name(f"{container}.log"))
+                text = await self._small_log(name, m.pod_container(pod, container), dest.with_name(f"{container}.log"))
             except KubeError:
                 continue
             if text.strip():

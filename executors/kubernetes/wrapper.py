@@ -6,7 +6,9 @@ to audit.
 * ``download`` (init container 1) fetches every input of the step from the API
   (``GET /api/run/{run}/returns/{step}/inputs/{i}?attempt=N``) into the step's PVC, at the paths
   the operator container receives in its ``<fileLocationEnv>`` variables, and creates the output
-  directory.
+  directory. The operator may run as any uid (its image's ``USER``), so inputs are left
+  writable by everyone (``0666``: an operator may edit them in place) and the output directory
+  is ``0777``; the volume is the step's own, nobody else mounts it.
 * ``upload`` (the main container, after the operator's init container succeeded) reads
   ``$MLYNAR_OUTPUT_DIR/mlynar-out.json``, validates all of it first with the one manifest
   validator, :func:`mlynar_events.outputs.read_output_manifest` (every file exists, is a regular
@@ -107,6 +109,16 @@ def _with_retries(what: str, call):  # type: ignore[no-untyped-def]
 # ---- download --------------------------------------------------------------------------------
 
 
+def _make_shared_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) open to every uid: the operator image's user is not
+    known. A directory that exists and is not ours (the volume root, group-writable through the
+    pod's ``fsGroup``) is left as it is."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for p in reversed(missing):
+        os.chmod(p, 0o777)  # mkdir's mode is cut by the umask; chmod is not
+
+
 def download(ctx: Context, env: dict[str, str]) -> int:
     try:
         inputs = json.loads(env.get("MLYNAR_INPUTS", "[]"))
@@ -115,18 +127,17 @@ def download(ctx: Context, env: dict[str, str]) -> int:
         raise WrapperError("MLYNAR_INPUTS must be a JSON list of {index, path}") from None
     out_dir = env.get("MLYNAR_OUTPUT_DIR")
     if out_dir:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        os.chmod(out_dir, 0o777)  # the operator image may run as any user
+        _make_shared_dir(Path(out_dir))
     for item in inputs:
         dest = Path(item["path"])
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(dest.parent, 0o777)
+        _make_shared_dir(dest.parent)
 
         def fetch() -> int:
             request = urllib.request.Request(ctx.url(f"inputs/{int(item['index'])}"), headers=ctx.headers())
             part = dest.with_name(dest.name + ".part")
             with urllib.request.urlopen(request, timeout=TIMEOUT) as response, open(part, "wb") as f:
                 shutil.copyfileobj(response, f, CHUNK)
+            os.chmod(part, 0o666)  # an operator of any uid may edit its input in place
             part.replace(dest)
             return dest.stat().st_size
 

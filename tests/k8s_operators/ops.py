@@ -47,6 +47,25 @@ elif op == "no-manifest":
 elif op == "escape":
     out = Path(os.environ["MLYNAR_OUTPUT_DIR"])
     (out / "mlynar-out.json").write_text(json.dumps({"outputs": [{"dataKind": "number-array-sum-json", "file": "../../etc.json"}]}))
+elif op == "private":
+    # like an image with its own USER and umask 077: prints who it is, edits its input in place,
+    # writes its output and manifest readable by itself only (a 0700 directory, 0600 files),
+    # naming the file by its absolute path as the original's example operators do
+    print(f"operator private running as uid {os.getuid()} gid {os.getgid()}", flush=True)
+    source = Path(os.environ["INPUT_ARRAY"])
+    values = json.loads(source.read_text())
+    with open(source, "r+") as f:  # in place: needs write permission on the input
+        f.seek(0)
+        f.write(json.dumps(values + [0]))
+        f.truncate()
+    os.umask(0o077)
+    out = Path(os.environ["MLYNAR_OUTPUT_DIR"]) / "private"
+    out.mkdir()
+    result = out / "sum.json"
+    result.write_text(json.dumps({"sum": num(sum(json.loads(source.read_text())) * m)}, separators=(",", ":")))
+    manifest = {"outputs": [{"dataKind": "number-array-sum-json", "file": str(result)}]}
+    (out.parent / "mlynar-out.json").write_text(json.dumps(manifest))
+    print(f"wrote {result} with mode {oct(result.stat().st_mode & 0o777)}", flush=True)
 elif op == "gate":
     # waits until the test creates the gate file, then behaves like sum
     gate = Path(sys.argv[2])
