@@ -182,6 +182,16 @@ class KubeSettings(SettingsGroup):
     keep_failed_jobs: bool
     watch_crds: bool
     api_url: str
+    watch_namespaces: str
+
+    def crd_namespaces(self) -> list[str] | None:
+        """The namespaces crd-sync watches (``--kube-watch-namespaces``, comma-separated; default
+        the one of ``--kube-namespace``), or None for all of them (``*``): the original Mlynar's
+        example resources pin ``metadata.namespace: default``, which need not be ours."""
+        names = sorted({n.strip() for n in self.watch_namespaces.split(",") if n.strip()})
+        if "*" in names:
+            return None
+        return names or [self.namespace]
 
 
 class WebhookSettings(SettingsGroup):
@@ -266,6 +276,7 @@ class ServeSettings(BaseModel):
     kube_keep_failed_jobs: bool = Field(False, description="keep the Job and PVC of a failed step for inspection")
     kube_watch_crds: bool = Field(False, description="(with role crd-sync) watch DataKind/Operator CRDs")
     kube_api_url: str = Field("http://mlynar-api:3000", description="URL of the REST API as step Jobs' wrapper containers reach it")
+    kube_watch_namespaces: str = Field("", description="namespaces whose DataKind/Operator resources crd-sync watches: comma-separated, or * for all (default: --kube-namespace)")
 
     @property
     def store(self) -> StoreSettings:

@@ -133,3 +133,80 @@ async def _has_operator(api: Api, name: str) -> bool:
 
 async def _lacks_operator(api: Api, name: str) -> bool:
     return name not in await operators(api)
+
+
+# The original Mlynar's example Operator (examples/operators/sum/operator.yaml at a596753), verbatim:
+# it pins metadata.namespace: default. Its DataKinds (example-kinds.yaml) name no namespace.
+ORIGINAL_SUM = {
+    "apiVersion": "mlynar.dev/v1alpha1", "kind": "Operator", "metadata": {"name": "sum", "namespace": "default"},
+    "spec": {"image": "ffluffyhedgehog/mlynar-example-sum:latest", "possibleOutputKinds": ["number-array-sum-json"],
+             "inputs": [{"fileLocationEnv": "INPUT_ARRAY", "dataKind": "number-array-json"}],
+             "configurableEnv": [{"name": "MULTIPLY_BY", "defaultValue": "1"}]},
+}
+
+
+def in_namespace(doc: dict[str, Any], namespace: str) -> dict[str, Any]:
+    return {**doc, "metadata": {**doc["metadata"], "namespace": namespace}}
+
+
+async def test_watches_the_listed_namespaces(fake: FakeKube, make_service, sync_settings) -> None:
+    """``--kube-watch-namespaces default,<ours>``: the original's example Operator, applied
+    unchanged to ``default``, reaches the registry next to the kinds in our namespace; a namespace
+    not listed is not watched; one name in two namespaces: the first namespace counts, the other
+    takes over when it goes."""
+    for name in ("number-array-json", "number-array-sum-json"):
+        await fake.apply("datakinds", kind(name))  # into our namespace, as `kubectl apply -f` without -n would
+    await fake.apply("operators", ORIGINAL_SUM)
+    api = await make_service(**sync_settings, kube_watch_namespaces=f"default,{NS}")
+    await wait_until(lambda: _has_operator(api, "sum"), what="the original's operator from namespace default")
+    assert (await operators(api))["sum"]["spec"]["image"] == "ffluffyhedgehog/mlynar-example-sum:latest"
+
+    await fake.apply("datakinds", in_namespace(kind("unwatched"), "elsewhere"))
+    await fake.apply("datakinds", in_namespace(kind("marker"), "default"))
+    await wait_until(lambda: _has_kind(api, "marker"), what="a kind applied to default afterwards")
+    assert "unwatched" not in await kinds(api)
+
+    # the same operator in our namespace too: "default" sorts first and keeps counting
+    ours = in_namespace(ORIGINAL_SUM, NS)
+    ours["spec"] = {**ours["spec"], "image": "example/ours:2"}
+    await fake.apply("operators", ours)
+    await fake.apply("datakinds", kind("marker-2"))
+    await wait_until(lambda: _has_kind(api, "marker-2"), what="marker-2")
+    assert (await operators(api))["sum"]["spec"]["image"] == "ffluffyhedgehog/mlynar-example-sum:latest"
+    await fake.remove("operators", "sum", namespace="default")
+
+    async def ours_counts() -> bool:
+        o = (await operators(api)).get("sum")
+        return bool(o and o["spec"]["image"] == "example/ours:2")
+
+    await wait_until(ours_counts, what="the operator in our namespace to take over")
+    await fake.remove("operators", "sum")
+    await wait_until(lambda: _lacks_operator(api, "sum"), what="sum to be deleted with its last resource")
+
+
+async def test_watches_all_namespaces(fake: FakeKube, make_service, sync_settings) -> None:
+    """``--kube-watch-namespaces '*'``: one cluster-wide list+watch per kind; resources of any
+    namespace come and go, and a re-list after 410 Gone prunes what vanished meanwhile."""
+    await fake.apply("datakinds", in_namespace(kind("number-array-json"), "team-a"))
+    await fake.apply("datakinds", in_namespace(kind("number-array-sum-json"), "default"))
+    await fake.apply("operators", ORIGINAL_SUM)
+    api = await make_service(**sync_settings, kube_watch_namespaces="*")
+    await wait_until(lambda: _has_operator(api, "sum"), what="the operator from default")
+    assert {"number-array-json", "number-array-sum-json"} <= await kinds(api)
+    paths = {p for m, p, q in fake.requests if m == "GET"}
+    assert {"/apis/mlynar.dev/v1alpha1/datakinds", "/apis/mlynar.dev/v1alpha1/operators"} <= paths
+    assert not any("/namespaces/" in p for p in paths if "mlynar.dev" in p)
+
+    await fake.apply("datakinds", in_namespace(kind("csv"), "team-b"))
+    await wait_until(lambda: _has_kind(api, "csv"), what="a kind applied live in another namespace")
+    await fake.remove("datakinds", "csv", namespace="team-b")
+    await wait_until(lambda: _lacks_kind(api, "csv"), what="csv to be deleted")
+
+    await fake.apply("datakinds", in_namespace(kind("json"), "team-c"))
+    await wait_until(lambda: _has_kind(api, "json"), what="json")
+    await fake.put("api/v1", "secrets", {"metadata": {"name": "unrelated"}})
+    fake.compact()
+    await fake.remove("datakinds", "json", namespace="team-c")
+    await fake.drop_watches()  # the DELETED event may be lost with the stream: the re-list prunes json
+    await wait_until(lambda: _lacks_kind(api, "json"), what="json to be pruned after the re-list")
+    assert "sum" in await operators(api)
