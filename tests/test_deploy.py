@@ -202,6 +202,7 @@ def test_rendered_base_has_every_expected_object(rendered):
         ("Service", "nats-headless"),
         ("PodDisruptionBudget", "nats"),
         ("Service", "mlynar-api"),
+        ("Service", "mlynar-service"),
         ("PersistentVolumeClaim", "mlynar-blobs"),
         *[("Deployment", n) for n in EXPECTED_DEPLOYMENTS],
     ]:
@@ -300,6 +301,14 @@ def test_api_deployment_serves_port_3000_with_health_probes_and_token(rendered):
     assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(3000, "http")]
 
 
+def test_the_original_service_name_reaches_the_api(rendered):
+    """In-cluster clients of the original Mlynar (and its wrapper images) call
+    http://mlynar-service:3000: the same pods and port as mlynar-api."""
+    ours, original = _one(rendered, "Service", "mlynar-api"), _one(rendered, "Service", "mlynar-service")
+    assert original["spec"]["selector"] == ours["spec"]["selector"]
+    assert [(p["port"], p["targetPort"]) for p in original["spec"]["ports"]] == [(3000, "http")]
+
+
 def test_blob_store_is_a_shared_rwx_volume_of_api_and_executor(rendered):
     pvc = _one(rendered, "PersistentVolumeClaim", "mlynar-blobs")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -351,6 +360,89 @@ def test_every_container_is_limited_and_unprivileged(rendered):
         assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault", where
         assert pod_sc.get("runAsUser", 1) != 0, where
         assert not spec.get("hostNetwork") and not spec.get("hostPID"), where
+
+
+# --------------------------------------------------------------------------- step Jobs
+
+
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                         "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+"""What the Pod Security Standard "baseline" lets a container add (kubernetes.io, Pod Security
+Standards, Capabilities)."""
+
+
+def test_step_jobs_are_valid_kubernetes_within_pod_security_baseline():
+    """The Job the executor creates per step: valid against the API schema, and admitted where the
+    namespace enforces Pod Security "baseline" (the wrappers add no capability beyond it, nothing
+    privileged, no host namespaces)."""
+    from executors.kubernetes import manifests
+    from mlynar_events.events import StepInput, StepScheduled
+    from mlynar_events.specs import parse_document
+
+    spec = parse_document(copy.deepcopy(MLYNAR_OPERATOR)).spec
+    step = StepScheduled(run_id="5b0c3f2e-8f43-4c55-9d1e-4f8c2a6d7e90", step_id="0123456789abcdef0123", operator="sum",
+                         revision=1, spec=spec, env={"MULTIPLY_BY": "1"}, ancestors=[],
+                         inputs=[StepInput(env="INPUT_ARRAY", unit_id="7d2c6a8e-2b4f-4f0e-9a51-3c3b8f0d1e22",
+                                           data_kind="number-array-json", blob="b", filename="numbers.json")])
+    names = manifests.StepObjects(manifests.job_name(step.step_id, 12))
+    job = manifests.job(step, 12, names, "mlynar", wrapper_image="mlynar-events:latest", api_url="http://mlynar-api:3000")
+    for obj in (job, manifests.pvc(step, 12, names, "mlynar", "1Gi", None),
+                manifests.secret(step, 12, names, "mlynar", "credential")):
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC")
+    for container in pod["initContainers"] + pod["containers"]:
+        sc = container.get("securityContext", {})
+        assert not sc.get("privileged"), container["name"]
+        assert set(sc.get("capabilities", {}).get("add", [])) <= BASELINE_CAPABILITIES, container["name"]
+        assert len(container["name"]) <= 63, container["name"]
+
+
+# --------------------------------------------------------------------------- watching other namespaces
+
+
+def test_crd_sync_all_namespaces_component(tmp_path):
+    """deploy/components/crd-sync-all-namespaces, used as its comment says: crd-sync watches every
+    namespace (MLYNAR_KUBE_WATCH_NAMESPACES=*) with a read-only ClusterRole for the two custom
+    resources, bound to the mlynar ServiceAccount of the overlay's namespace."""
+    import os
+
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "namespace": "mlynar-prod",
+        "resources": [os.path.relpath(DEPLOY, overlay)],
+        "components": [os.path.relpath(DEPLOY / "components" / "crd-sync-all-namespaces", overlay)],
+    }))
+    proc = subprocess.run([_kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    for obj in docs:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    role = _one(docs, "ClusterRole", "mlynar-crd-sync")
+    assert role["rules"] == [{"apiGroups": ["mlynar.dev"], "resources": ["datakinds", "operators"],
+                              "verbs": ["get", "list", "watch"]}]
+    binding = _one(docs, "ClusterRoleBinding", "mlynar-crd-sync")
+    assert binding["roleRef"]["name"] == "mlynar-crd-sync"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mlynar", "namespace": "mlynar-prod"}]
+    sync = _one(docs, "Deployment", "mlynar-crd-sync")["spec"]["template"]["spec"]
+    assert sync["serviceAccountName"] == "mlynar"
+    env = _env(sync["containers"][0])
+    assert env["MLYNAR_KUBE_WATCH_NAMESPACES"] == "*" and env["MLYNAR_ROLES"] == "crd-sync"
+    assert env["MLYNAR_KUBE_WATCH_CRDS"] == "true"
+
+    from mlynar_events.config import ServeSettings, add_serve_flags, env_name
+
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    known = {env_name(opt) for action in parser._actions for opt in action.option_strings if opt.startswith("--")}
+    assert "MLYNAR_KUBE_WATCH_NAMESPACES" in known
+    settings = ServeSettings(kube_watch_namespaces=env["MLYNAR_KUBE_WATCH_NAMESPACES"], kube_namespace="mlynar-prod")
+    assert settings.kube.crd_namespaces() is None  # all namespaces
+    assert ServeSettings(kube_watch_namespaces="default, mlynar-prod,").kube.crd_namespaces() == ["default", "mlynar-prod"]
+    assert ServeSettings(kube_namespace="mlynar-prod").kube.crd_namespaces() == ["mlynar-prod"]
+    # the other Deployments are not touched
+    assert "MLYNAR_KUBE_WATCH_NAMESPACES" not in _env(_one(docs, "Deployment", "mlynar-executor")["spec"]["template"]["spec"]["containers"][0])
 
 
 # --------------------------------------------------------------------------- RBAC
