@@ -74,6 +74,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import functools
 import json
 import os
 import re
@@ -126,6 +127,7 @@ def repository(image: str) -> str:
     return name if sep and "/" not in tag else image
 
 
+@functools.cache  # one probe per test session, not per stand-in
 def _python_for_any_uid() -> tuple[str, str] | None:
     """An interpreter and PYTHONPATH with which a process of another uid can import our code and
     its dependencies: this Python when its installation is readable by everyone, else the same

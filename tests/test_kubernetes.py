@@ -14,7 +14,7 @@ import yaml
 
 from executors.kubernetes import manifests
 from executors.worker import DURABLE
-from kube_fake import TEST_NAMESPACE, FakeKube
+from kube_fake import TEST_NAMESPACE, TOKEN, FakeKube
 from mlynar_events import credentials
 from mlynar_events.events import STREAM
 from mlynar_events.secrets import SecretStore
@@ -238,17 +238,18 @@ async def test_stand_in_runs_containers_as_their_uid_with_their_capabilities(fak
              "volumeMounts": [{"name": "v", "mountPath": "/data"}]}
         return {**c, "securityContext": sc} if sc else c
 
+    async def create(plural: str, obj: dict[str, Any]) -> None:
+        group = "apis/batch/v1" if plural == "jobs" else "api/v1"
+        async with aiohttp.ClientSession(fake.url, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.post(f"/{group}/namespaces/{NS}/{plural}", json=obj) as resp:
+                assert resp.status == 201, await resp.text()
+
     async def run_job(name: str, reader: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Authorization": "Bearer fake-kube-token"}
-        async with aiohttp.ClientSession(fake.url, headers=headers) as http:
-            base = f"/api/v1/namespaces/{NS}"
-            assert (await http.post(f"{base}/persistentvolumeclaims", json={
-                "metadata": {"name": f"{name}-pvc"}, "spec": {"resources": {"requests": {"storage": "1Gi"}}}})).status == 201
-            job = {"metadata": {"name": name}, "spec": {"backoffLimit": 0, "template": {"spec": {
-                "restartPolicy": "Never", "securityContext": {"fsGroup": 4242},
-                "initContainers": [container("writer", "test/python:node", "write")], "containers": [reader],
-                "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": f"{name}-pvc"}}]}}}}
-            assert (await http.post(f"/apis/batch/v1/namespaces/{NS}/jobs", json=job)).status == 201
+        await create("persistentvolumeclaims", {"metadata": {"name": f"{name}-pvc"}, "spec": {"resources": {"requests": {"storage": "1Gi"}}}})
+        await create("jobs", {"metadata": {"name": name}, "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never", "securityContext": {"fsGroup": 4242},
+            "initContainers": [container("writer", "test/python:node", "write")], "containers": [reader],
+            "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": f"{name}-pvc"}}]}}}})
 
         def finished() -> dict[str, Any] | None:
             pods = [p for p in fake.list("pods", NS) if p["metadata"]["labels"].get("job-name") == name]
@@ -269,10 +270,8 @@ async def test_stand_in_runs_containers_as_their_uid_with_their_capabilities(fak
     assert pod["status"]["phase"] == "Failed" and "PermissionError" in log(pod, "reader")
 
     refused = container("reader", "test/python", "read", runAsNonRoot=True)
-    headers = {"Authorization": "Bearer fake-kube-token"}
-    async with aiohttp.ClientSession(fake.url, headers=headers) as http:
-        job = {"metadata": {"name": "root"}, "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [refused]}}}}
-        assert (await http.post(f"/apis/batch/v1/namespaces/{NS}/jobs", json=job)).status == 201
+    await create("jobs", {"metadata": {"name": "root"},
+                          "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [refused]}}}})
 
     def waiting_reason() -> str | None:
         pods = [p for p in fake.list("pods", NS) if p["metadata"]["labels"].get("job-name") == "root"]
