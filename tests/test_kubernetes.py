@@ -320,8 +320,9 @@ async def test_keep_failed_jobs(kube, fake: FakeKube) -> None:
     ("wrong-kind", "data kind 'number-array-json' is not in the operator's possibleOutputKinds"),
     ("no-manifest-kind", "mlynar-out.json is missing"),
     ("escape", "lies outside the output directory"),
+    ("symlink-environ", "lies outside the output directory"),
 ])
-async def test_bad_output_manifest_fails_the_upload_container(kube, op: str, message: str) -> None:
+async def test_bad_output_manifest_fails_the_upload_container(kube, store, op: str, message: str) -> None:
     api = await kube()
     script = "no-manifest" if op == "no-manifest-kind" else op
     # no-manifest with an output kind declared: the manifest is required
@@ -330,6 +331,7 @@ async def test_bad_output_manifest_fails_the_upload_container(kube, op: str, mes
     step = await wait_step(api, run_id, "failure")
     assert "output upload (wrapper container 'upload') exited with code 1" in step["error"]
     assert message in step["error"]
+    assert await store.read(f"mlynar.run.{run_id}.StepOutputReturned") == [], "nothing reached the API"
 
 
 async def test_image_pull_failure_names_the_image(kube, fake: FakeKube) -> None:

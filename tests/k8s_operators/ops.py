@@ -47,6 +47,12 @@ elif op == "no-manifest":
 elif op == "escape":
     out = Path(os.environ["MLYNAR_OUTPUT_DIR"])
     (out / "mlynar-out.json").write_text(json.dumps({"outputs": [{"dataKind": "number-array-sum-json", "file": "../../etc.json"}]}))
+elif op == "symlink-environ":
+    # hostile: an output that is a symlink to the upload container's own environment (which holds
+    # its step credential); the upload may read any file of its own, so the validator must refuse
+    out = Path(os.environ["MLYNAR_OUTPUT_DIR"])
+    (out / "leak").symlink_to("/proc/self/environ")
+    (out / "mlynar-out.json").write_text(json.dumps({"outputs": [{"dataKind": "number-array-sum-json", "file": "leak"}]}))
 elif op == "private":
     # like an image with its own USER and umask 077: prints who it is, edits its input in place,
     # writes its output and manifest readable by itself only (a 0700 directory, 0600 files),
