@@ -554,7 +554,7 @@ async def test_restart_keeps_finished_results(tmp_path):
             await c.put_step("keep-1", py_step(script), {})
             done = await wait_terminal(c, "keep-1")
             assert done["state"] == "succeeded"
-            hang = "import os, time; open(os.environ['PIDFILE'], 'w').write(str(os.getpid())); time.sleep(300)"
+            hang = "import os, signal; open(os.environ['PIDFILE'], 'w').write(str(os.getpid())); signal.pause()"
             await c.put_step("hang-1", {"command": [PY, "-c", hang], "env": {"PIDFILE": str(pidfile)}}, {})
             await wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="the hanging step to start")
     finally:

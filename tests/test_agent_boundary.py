@@ -354,6 +354,27 @@ async def test_resource_limits_stop_runaway_steps(tmp_path: Path) -> None:
         assert st["state"] == "failed" and "killed by signal" in st["error"], st
 
 
+@needs_bwrap
+@pytest.mark.skipif(not ROOT, reason="RLIMIT_NPROC counts the user's processes: only a dedicated user (root -> nobody) gives a stable count")
+async def test_a_fork_bomb_stops_at_the_process_limit(tmp_path: Path) -> None:
+    async with running_agent(tmp_path / "w", "--isolation", "bwrap", "--limit-processes", "16") as (_, c):
+        found = await run_report(c, tmp_path, "forks", '''
+            import signal
+            forked, error = 0, None
+            while forked < 64:
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    error = e.strerror
+                    break
+                if pid == 0:
+                    signal.pause()
+                forked += 1
+            report({"forked": forked, "error": error})
+        ''', python=SYS_PY)
+    assert found["forked"] < 16 and found["error"] == "Resource temporarily unavailable", found
+
+
 async def test_isolation_is_reported_and_bwrap_refused_when_missing(tmp_path: Path) -> None:
     no_bwrap = clean_env(MLYNAR_TOKEN=TOKEN, PATH=str(tmp_path / "empty-path"))
     r = subprocess.run([PYTHON, "-m", "executors.agent", "--port", "0", "--work-dir", str(tmp_path / "w0"),

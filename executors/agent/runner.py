@@ -211,6 +211,8 @@ class StepManager:
                 self._lose(step, RESTARTED_ERROR)
             elif status.state == "queued":
                 log.info("step %s: queued before the restart; queued again", step_id, extra={"step_id": step_id})
+                assert self.isolation is not None
+                self.isolation.prepare(sdir)  # the user steps run as may have changed
                 self._start(step)
                 requeued += 1
             else:
