@@ -8,7 +8,7 @@ a cluster's server list, the embedded server's generated password or an external
 Start-up against an unreachable NATS retries with a bounded, growing backoff, one log line per
 attempt and no traceback, until ``connect_timeout`` seconds have passed; it is a plain coroutine,
 so cancelling it (SIGTERM during start-up) stops it at once. Credentials that the server refuses
-are not retried: waiting cannot make them right. Once connected, the client reconnects forever on
+(or a server certificate that does not verify) are not retried: waiting cannot make them right. Once connected, the client reconnects forever on
 its own (a restarted embedded server, a cluster node going away), logging the disconnection and
 the reconnection once each rather than every attempt.
 """
@@ -141,7 +141,7 @@ class _Callbacks:
     async def error(self, exc: Exception) -> None:
         if not self.connected:
             self.failures.append(exc)
-            if _is_refusal(exc) or len(self.failures) >= self.servers:
+            if _is_refusal(exc) or isinstance(exc, ssl.SSLCertVerificationError) or len(self.failures) >= self.servers:
                 raise _AttemptFailed(exc)
             return
         level = logging.DEBUG if self.disconnected else logging.WARNING
@@ -201,6 +201,9 @@ async def connect(target: str | NatsOptions, *, name: str = "mlynar") -> NATS:
         if _is_refusal(cause):
             raise NatsUnavailable(f"NATS at {', '.join(options.servers)} refused our credentials "
                                   f"({_describe(cause)}): check the --nats-* credential flags") from None
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            raise NatsUnavailable(f"NATS at {', '.join(options.servers)}: the server's TLS certificate does not "
+                                  f"verify ({_describe(cause)}): check --nats-tls-ca") from None
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise NatsUnavailable(f"NATS at {', '.join(options.servers)} not reachable within "
@@ -219,8 +222,14 @@ def _server(nc: NATS) -> str:
 
 
 async def _discard(nc: NATS) -> None:
-    """Close a client whose attempt failed, never raising (its state is half-built)."""
+    """Close a client whose attempt failed, never raising and never waiting long (its state is
+    half-built: a transport whose TLS handshake failed may never report itself closed)."""
     try:
-        await nc.close()
+        await asyncio.wait_for(nc.close(), 1.0)
     except Exception:  # noqa: BLE001 - nothing to keep from a failed attempt
-        pass
+        transport = getattr(nc, "_transport", None)
+        if transport is not None:
+            try:
+                transport.close()
+            except Exception:  # noqa: BLE001
+                pass

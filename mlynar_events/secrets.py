@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets as _random
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -60,8 +61,15 @@ _key = secret_key
 
 
 def private_dir(path: Path) -> Path:
-    """``path`` as a directory only its owner can enter (0700), tightened if it exists."""
+    """``path`` as a directory only its owner can enter (0700), tightened if it exists and is
+    ours. A shared directory (another owner's, or sticky like ``/tmp``) given by mistake is left
+    as it is, with a warning: tightening it would break everyone else's use of it."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.geteuid() or st.st_mode & stat.S_ISVTX:
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            log.warning("directory is shared: not making it private", extra={"path": str(path)})
+        return path
     os.chmod(path, 0o700)
     return path
 

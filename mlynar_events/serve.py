@@ -87,7 +87,7 @@ def private_files(settings: ServeSettings) -> None:
     private_dir(settings.data_dir)
     private_dir(settings.resolved_blob_dir)
     db = settings.resolved_db_path
-    private_dir(db.parent) if db.parent != settings.data_dir.parent else None
+    db.parent.mkdir(parents=True, exist_ok=True)
     os.close(os.open(db, os.O_WRONLY | os.O_CREAT, 0o600))
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         if path.exists():

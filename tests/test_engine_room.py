@@ -14,7 +14,7 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import aiohttp
 import nkeys
@@ -262,12 +262,17 @@ async def test_external_cluster_over_tls_with_a_password_and_a_server_list(tmp_p
             assert raw is not None and raw.startswith(SEALED)
         finally:
             await service.stop()
-        base = dict(servers=[server.url], connect_timeout=5, tls_ca=pem["ca"])
+        base = dict(servers=[server.url], connect_timeout=2, tls_ca=pem["ca"])
         # the right password but no client certificate: the TLS handshake is refused
         with pytest.raises(NatsUnavailable):
             await connect(NatsOptions(**base, user="svc", password="s3cret-pass-0123456789"))
         assert "refused our credentials" in await _refused(NatsOptions(
             **base, tls_cert=pem["client"], tls_key=pem["client-key"], user="svc", password="wrong"))
+        # a server whose certificate our CA did not sign fails at once, saying so
+        (tmp_path / "other").mkdir()
+        other = _tls_material(tmp_path / "other")
+        assert "does not verify" in await _refused(NatsOptions(
+            servers=[server.url], connect_timeout=30, tls_ca=other["ca"], user="svc", password="x"))
 
 
 async def test_external_nats_with_a_token_or_an_nkey(tmp_path: Path) -> None:
@@ -290,6 +295,69 @@ async def test_external_nats_with_a_token_or_an_nkey(tmp_path: Path) -> None:
         await service.stop()
     finally:
         await nats.stop()
+
+
+def _operator_mode(tmp: Path) -> tuple[str, Path, Path]:
+    """A nats-server configuration in operator mode (an operator, a system account and an
+    account with JetStream, preloaded) and two ``.creds`` files: a user of that account, and a
+    user signed by an account the server does not know."""
+    import base64
+    import hashlib
+    import json
+    import time
+
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    def pair(prefix: int) -> tuple[Any, str, str]:
+        seed = nkeys.encode_seed(os.urandom(32), prefix)
+        kp = nkeys.from_seed(bytearray(seed))
+        return kp, seed.decode(), kp.public_key.decode()
+
+    def jwt(signer: Any, claims: dict[str, Any]) -> str:
+        claims = {"iat": int(time.time()), **claims}
+        claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()).decode()
+        head = b64(json.dumps({"typ": "JWT", "alg": "ed25519-nkey"}).encode())
+        body = b64(json.dumps(claims).encode())
+        return f"{head}.{body}.{b64(signer.sign(f'{head}.{body}'.encode()))}"
+
+    unlimited = {k: -1 for k in ("subs", "data", "payload", "imports", "exports", "conn", "leaf")} | {"wildcards": True}
+    op, _, op_pub = pair(nkeys.PREFIX_BYTE_OPERATOR)
+    sys_acc, _, sys_pub = pair(nkeys.PREFIX_BYTE_ACCOUNT)
+    acc, _, acc_pub = pair(nkeys.PREFIX_BYTE_ACCOUNT)
+    stranger, _, stranger_pub = pair(nkeys.PREFIX_BYTE_ACCOUNT)
+    op_jwt = jwt(op, {"iss": op_pub, "sub": op_pub, "name": "op", "nats": {"type": "operator", "version": 2}})
+    sys_jwt = jwt(op, {"iss": op_pub, "sub": sys_pub, "name": "SYS",
+                       "nats": {"type": "account", "version": 2, "limits": unlimited}})
+    acc_jwt = jwt(op, {"iss": op_pub, "sub": acc_pub, "name": "mlynar", "nats": {
+        "type": "account", "version": 2,
+        "limits": unlimited | {"mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1}}})
+    config = (f'operator: "{op_jwt}"\nsystem_account: {sys_pub}\nresolver: MEMORY\n'
+              f'resolver_preload: {{\n  {acc_pub}: "{acc_jwt}"\n  {sys_pub}: "{sys_jwt}"\n}}\n')
+    files = []
+    for name, signer, issuer in (("user", acc, acc_pub), ("stranger", stranger, stranger_pub)):
+        _, seed, pub = pair(nkeys.PREFIX_BYTE_USER)
+        user_jwt = jwt(signer, {"iss": issuer, "sub": pub, "name": name, "nats": {
+            "type": "user", "version": 2, "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1}})
+        path = tmp / f"{name}.creds"
+        path.write_text(f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
+                        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n")
+        files.append(path)
+    return config, files[0], files[1]
+
+
+async def test_external_nats_in_operator_mode_with_a_creds_file(tmp_path: Path) -> None:
+    config, creds, stranger = _operator_mode(tmp_path)
+    async with ConfiguredNats(tmp_path, "operator-nats", config) as server:
+        key_file = tmp_path / "secrets.key"
+        key_file.write_text("MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=\n")
+        service = Service(service_settings(tmp_path, server.url, nats_creds=creds, secrets_key_file=key_file))
+        await service.start()
+        try:
+            assert service.store is not None and await service.store.last_seq() > 0  # the registry declared
+        finally:
+            await service.stop()
+        assert "refused" in await _refused(NatsOptions(servers=[server.url], creds=stranger, connect_timeout=5))
 
 
 async def test_conflicting_or_missing_nats_credentials_do_not_start(tmp_path: Path) -> None:
@@ -319,3 +387,17 @@ async def test_a_replica_count_mismatch_is_reported(tmp_path: Path, nats_url: st
         await again.stop()
     [record] = [r for r in caplog.records if "--stream-replicas is 3" in r.getMessage()]
     assert "has 1 replica(s)" in record.getMessage()
+
+
+async def test_a_shared_directory_given_by_mistake_is_not_tightened(tmp_path: Path) -> None:
+    """``--blob-dir /tmp`` must not make /tmp private: a sticky directory is left as it is."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    service = Service(service_settings(tmp_path, None, blob_dir=shared, local_machine=False))
+    await service.start()
+    try:
+        assert _mode(shared) == 0o1777
+        assert _mode(service.settings.data_dir) == 0o700
+    finally:
+        await service.stop()
