@@ -249,6 +249,13 @@ async def test_auth_is_decided_by_the_route_not_the_path_text(make_service, tmp_
     status, answer = await api.call("GET", f"/api/run/{run['id']}/returns/s1/inputs/0?attempt=1",
                                     headers={"Authorization": "Bearer forged"})
     assert status == 403
+    # a step Job reaches the API by its in-cluster Service name, a probe by the pod's IP: those
+    # routes answer whatever the Host (the step's credential or nothing to protect stands in)
+    status, answer = await api.call("GET", step_route, headers={"Host": "mlynar-api:3000",
+                                                                "Authorization": "Bearer forged"})
+    assert status == 403 and "credential is not valid" in answer["error"], answer
+    status, answer = await api.call("GET", "/healthz", headers={"Host": "10.1.2.3:3000"})
+    assert status == 200, answer
     assert await snapshot(api, auth) == before
 
 
