@@ -11,6 +11,7 @@ from .auth import auth_middleware
 from .context import CTX, ApiContext
 from .door import DOOR, Door, door_middleware
 from .errors import errors_middleware
+from .events import STREAMS, close_streams
 from .routes import add_routes
 from .server import ApiRunner
 
@@ -23,5 +24,7 @@ def create_app(context: ApiContext) -> web.Application:
                           client_max_size=context.settings.max_json_bytes)
     app[CTX] = context
     app[DOOR] = Door.of(context.settings)
+    app[STREAMS] = set()
+    app.on_shutdown.append(close_streams)  # open event streams end when the service stops
     add_routes(app)
     return app

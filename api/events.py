@@ -47,6 +47,17 @@ MAX_FILTER_RUNS = 100
 FINAL = (RunCompleted, RunTerminated, RunDeleted)
 QUEUE = 256
 """Events read ahead of a slow client; beyond that the consumer waits (NATS holds the rest)."""
+DISCONNECT_CHECK = 1.0
+"""Seconds between checks that the client is still there while nothing is sent, so a closed
+stream frees its consumer within a second, not at the next heartbeat."""
+STREAMS: web.AppKey[set[asyncio.Task]] = web.AppKey("event-streams", set)
+
+
+async def close_streams(app: web.Application) -> None:
+    """``on_shutdown``: end every open event stream now, so stopping the service does not wait
+    for clients that never hang up (aiohttp's advice for long-lived responses)."""
+    for task in list(app[STREAMS]):
+        task.cancel()
 
 
 class HistoryEvent(BaseModel):
@@ -152,25 +163,38 @@ async def _stream(request: web.Request, filters: list[str] | None, after: int,
 
     reader = asyncio.ensure_future(pump())
     heartbeat = c.settings.sse_heartbeat
+    loop = asyncio.get_running_loop()
+    streams = request.app[STREAMS]
+    me = asyncio.current_task()
+    assert me is not None
+    streams.add(me)
     try:
         await resp.write(b"retry: 1000\n: connected\n\n")
+        quiet_since = loop.time()
         while True:
             try:
-                stored = await asyncio.wait_for(queue.get(), heartbeat)
+                stored = await asyncio.wait_for(queue.get(), min(heartbeat, DISCONNECT_CHECK))
             except asyncio.TimeoutError:
                 if reader.done():
                     reader.result()  # the subscription ended: say why (logged below)
                     break
-                await resp.write(b": heartbeat\n\n")
+                if request.transport is None or request.transport.is_closing():
+                    log.debug("event stream closed", extra={"run_id": run_id})
+                    break  # the client went away while nothing was to be sent
+                if loop.time() - quiet_since >= heartbeat:
+                    await resp.write(b": heartbeat\n\n")
+                    quiet_since = loop.time()
                 continue
             await resp.write(_sse_message(stored))
+            quiet_since = loop.time()
             if run_id is not None and isinstance(stored.event, FINAL) and queue.empty() \
                     and (await c.runs.get(run_id)).version <= stored.seq:
                 break
     except (ConnectionResetError, asyncio.CancelledError):
-        # the client went away (aiohttp cancels the handler): not an error
-        log.debug("event stream closed by the client", extra={"run_id": run_id})
+        # the client went away (or the service stops, :func:`close_streams`): not an error
+        log.debug("event stream closed", extra={"run_id": run_id})
     finally:
+        streams.discard(me)
         reader.cancel()
         with contextlib.suppress(BaseException):
             await reader

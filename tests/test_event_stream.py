@@ -211,3 +211,27 @@ async def test_lineage_and_provenance_of_the_example(api: Api) -> None:
     upload = by_op["sum"]["producedBy"]["inputs"][0]
     assert upload["dataKind"] == KIND and upload["producedBy"] is None
     assert (await api.call("GET", f"/api/run/{run_id}/units/nope/provenance"))[0] == 404
+
+
+async def test_a_closed_stream_ends_its_handler_and_stopping_ends_open_ones(make_service, caplog) -> None:
+    import logging
+
+    from support import wait_until
+
+    caplog.set_level(logging.DEBUG, logger="mlynar.api.events")
+    api = await make_service(sse_heartbeat=3600.0)  # no heartbeat would reveal the closed client
+    resp, sse = await open_stream(api, "/api/events")
+    assert await sse.next() is not None  # the stream is live
+    resp.close()  # the client hangs up while nothing is being sent
+
+    async def ended() -> bool:
+        return any(r.getMessage() == "event stream closed" for r in caplog.records)
+
+    await wait_until(ended, what="the closed stream's handler to end (and close its consumer)")
+
+    resp, sse = await open_stream(api, "/api/events")
+    assert await sse.next() is not None
+    await api.service.stop()  # must not wait for the client, which never hangs up
+    while (m := await sse.next()) is not None:  # the server ends the stream: the rest arrives, then EOF
+        pass
+    resp.close()
