@@ -78,11 +78,16 @@ def check_upload_allowed(state: RunState) -> None:
 async def add_uploaded_unit(store: EventStore, runs: RunStateCache, unit: DataUnitAdded, actor: str) -> int:
     """Append an uploaded unit whose bytes are already in the blob store.
 
-    Unconditional (no expected run version): a unit never conflicts with the steps being
-    scheduled meanwhile, and many uploads into one busy run must not turn into 409s. A
-    termination racing this upload lets the unit in; a terminated run schedules nothing."""
+    Not conditional on the run's version: a unit never conflicts with the steps being scheduled
+    meanwhile, and many uploads into one busy run must not turn into 409s. A termination racing
+    this upload lets the unit in; a terminated run schedules nothing. Conditional only on the
+    run not having been deleted since the check (``unless=RunDeleted``): a unit appended after
+    its run's deletion would point at bytes the deletion removed."""
     check_upload_allowed(await load_run(runs, unit.run_id))
-    return (await store.append(unit, actor=actor, msg_id=f"unit:{unit.unit_id}")).seq
+    try:
+        return (await store.append(unit, actor=actor, msg_id=f"unit:{unit.unit_id}", unless=RunDeleted)).seq
+    except ConcurrencyConflict:
+        raise NotFound(f"run {unit.run_id!r} does not exist") from None
 
 
 async def start(store: EventStore, runs: RunStateCache, run_id: str, param_pool: dict[str, dict[str, str]],

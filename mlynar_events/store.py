@@ -193,11 +193,14 @@ class EventStore:
         actor: str,
         msg_id: str | None = None,
         expected_seq: int | None = None,
+        unless: type[Event] | None = None,
     ) -> Appended:
         """Append one event. ``msg_id`` makes a retry of the same fact a no-op (the duplicate's
         original sequence is returned); ``expected_seq`` makes the append conditional on the
         event's aggregate (``mlynar.<aggregate>.<key>.>``, e.g. the whole run) not having moved
         past that sequence (``ConcurrencyConflict`` otherwise; 0 = the aggregate has no events).
+        ``unless`` makes it conditional only on the aggregate having no event of that class (an
+        upload into a run unless it was deleted, without contending with the run's other events).
 
         JetStream checks the expected sequence before de-duplicating, so a retried conditional
         append may see a conflict: callers reload, find their fact there, and do nothing."""
@@ -207,6 +210,10 @@ class EventStore:
         if expected_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_seq)
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = aggregate_filter(event)
+        elif unless is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = "0"
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = \
+                f"{SUBJECT_PREFIX}.{event.aggregate}.{event.key()}.{unless.event_type}"
         data = env.to_bytes()
         try:
             # A retry carries the same Nats-Msg-Id, so one that follows a lost answer (a timeout)
