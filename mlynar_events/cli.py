@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from . import config, logs
 
@@ -34,49 +36,69 @@ def _serve(ns: argparse.Namespace) -> int:
         return 0
 
 
+@contextlib.asynccontextmanager
+async def _offline_store(settings: config.ServeSettings, *, lock: bool) -> AsyncIterator[Any]:
+    """The event store reached exactly as ``serve`` reaches it (the embedded server with its
+    generated NKey, or ``--nats-url`` with its credential flags), for a maintenance command.
+    ``lock``: hold the data directory's lock (the service must be stopped)."""
+    from .serve import lock_data_dir, start_nats
+    from .store import EventStore
+
+    held = lock_data_dir(settings.data_dir) if lock else None
+    nats = None
+    try:
+        options, nats = await start_nats(settings)
+        store = await EventStore.connect(options)
+        try:
+            yield store
+        finally:
+            await store.close()
+    finally:
+        if nats:
+            await nats.stop()
+        if held:
+            await held.release()
+
+
+def _run_command(name: str, main: Callable[[], Awaitable[int]]) -> int:
+    """Run a maintenance command; a setting that must not start (exit 2) or an unreachable NATS
+    (exit 1) is one line, not a traceback."""
+    from .nats_connect import NatsUnavailable
+    from .serve import ConfigError
+
+    try:
+        return asyncio.run(main())
+    except ConfigError as exc:
+        print(f"mlynar {name}: {exc}", file=sys.stderr)
+        return 2
+    except NatsUnavailable as exc:
+        print(f"mlynar {name}: {exc}", file=sys.stderr)
+        return 1
+
+
 def _rebuild(ns: argparse.Namespace) -> int:
     """Rebuild the projection file from the stream, holding the data directory's lock (the
-    service must be stopped) and reaching NATS exactly as ``serve`` does (the embedded server
-    with its generated NKey, or ``--nats-url`` with its credential flags)."""
+    service must be stopped)."""
     from projections.projector import rebuild
 
-    from .nats_connect import NatsUnavailable
-    from .serve import ConfigError, lock_data_dir, private_files, start_nats
-    from .store import EventStore
+    from .serve import private_files
 
     settings = config.serve_settings(ns)
     logs.setup(settings.log_level, settings.log_format)
 
     async def main() -> int:
-        lock = lock_data_dir(settings.data_dir)
-        nats = None
-        try:
+        async with _offline_store(settings, lock=True) as store:
             private_files(settings)
-            options, nats = await start_nats(settings)
-            store = await EventStore.connect(options)
-            try:
-                def progress(seq: int, head: int) -> None:
-                    print(f"\rrebuilt {seq}/{head} events", end="", file=sys.stderr, flush=True)
 
-                n = await rebuild(store, settings.resolved_db_path, progress)
-                settings.resolved_db_path.chmod(0o600)  # the fresh file is the owner's only, too
-                print(f"\nrebuilt {settings.resolved_db_path} from {n} events", file=sys.stderr)
-                return 0
-            finally:
-                await store.close()
-        finally:
-            if nats:
-                await nats.stop()
-            await lock.release()
+            def progress(seq: int, head: int) -> None:
+                print(f"\rrebuilt {seq}/{head} events", end="", file=sys.stderr, flush=True)
 
-    try:
-        return asyncio.run(main())
-    except ConfigError as exc:
-        print(f"mlynar projections rebuild: {exc}", file=sys.stderr)
-        return 2
-    except NatsUnavailable as exc:
-        print(f"mlynar projections rebuild: {exc}", file=sys.stderr)
-        return 1
+            n = await rebuild(store, settings.resolved_db_path, progress)
+            settings.resolved_db_path.chmod(0o600)  # the fresh file is the owner's only, too
+            print(f"\nrebuilt {settings.resolved_db_path} from {n} events", file=sys.stderr)
+            return 0
+
+    return _run_command("projections rebuild", main)
 
 
 def _audit(ns: argparse.Namespace) -> int:
@@ -92,33 +114,19 @@ def _audit(ns: argparse.Namespace) -> int:
 
     from .audit import check_scheduling
     from .events import SUBJECT_PREFIX
-    from .nats_connect import NatsUnavailable
-    from .serve import ConfigError, lock_data_dir, start_nats
-    from .store import EventStore
+    from .serve import ConfigError
 
     settings = config.serve_settings(ns)
     logs.setup(settings.log_level, settings.log_format)
 
     async def main() -> int:
-        lock = None if settings.store.nats_url else lock_data_dir(settings.data_dir)
-        nats = None
-        try:
-            options, nats = await start_nats(settings)
-            store = await EventStore.connect(options)
-            try:
-                if not settings.resolved_db_path.exists():
-                    raise ConfigError(f"no projection at {settings.resolved_db_path} to verify")
-                with tempfile.TemporaryDirectory(prefix="mlynar-audit-") as work:
-                    views, at = await verify_views(store, settings.resolved_db_path, Path(work))
-                events = await store.read(f"{SUBJECT_PREFIX}.>")
-                scheduling, runs = check_scheduling(events)
-            finally:
-                await store.close()
-        finally:
-            if nats:
-                await nats.stop()
-            if lock:
-                await lock.release()
+        if not settings.resolved_db_path.exists():
+            raise ConfigError(f"no projection at {settings.resolved_db_path} to verify")
+        async with _offline_store(settings, lock=not settings.store.nats_url) as store:
+            with tempfile.TemporaryDirectory(prefix="mlynar-audit-") as work:
+                views, at = await verify_views(store, settings.resolved_db_path, Path(work))
+            events = await store.read(f"{SUBJECT_PREFIX}.>")
+        scheduling, runs = check_scheduling(events)
         for finding in views + scheduling:
             print(finding)
         verdict = "FAILED" if views or scheduling else "ok"
@@ -126,14 +134,7 @@ def _audit(ns: argparse.Namespace) -> int:
               f"{len(events)} events, {runs} runs re-derived: {len(scheduling)} discrepancies", file=sys.stderr)
         return 1 if views or scheduling else 0
 
-    try:
-        return asyncio.run(main())
-    except ConfigError as exc:
-        print(f"mlynar audit verify: {exc}", file=sys.stderr)
-        return 2
-    except NatsUnavailable as exc:
-        print(f"mlynar audit verify: {exc}", file=sys.stderr)
-        return 1
+    return _run_command("audit verify", main)
 
 
 def _example(ns: argparse.Namespace) -> int:

@@ -23,7 +23,7 @@ def check_dns1123_label(name: str) -> str:
     return name
 
 
-# Kubernetes object names of a step attempt (DESIGN: ``jobName`` / ``pvcName`` in the API).
+# Kubernetes object names of a step attempt (``jobName`` / ``pvcName`` in the API, as in Mlynar).
 JOB_PREFIX = "mlynar-job-"
 PVC_SUFFIX = "-pvc"
 SECRET_SUFFIX = "-cred"
