@@ -37,10 +37,11 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
@@ -60,6 +61,7 @@ from mlynar_events.webhooks import (
 )
 
 log = logging.getLogger("mlynar.webhooks")
+T = TypeVar("T")
 
 ACTOR = "webhooks"
 DISABLED_IDS = uuid.UUID("0d7c2a4e-31f5-4c43-9a57-5c1b1d7e6f21")
@@ -119,11 +121,17 @@ class WebhookDispatcher:
         self.http: aiohttp.ClientSession | None = None
 
     async def run(self) -> None:
-        self.kv = await deliveries_bucket(self.store.js, self.store.replicas)
+        self.kv = await self._until_it_works("open the delivery records bucket",
+                                             lambda: deliveries_bucket(self.store.js, self.store.replicas))
         self.http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(resolver=GuardedResolver(self.allow_private)),
             timeout=aiohttp.ClientTimeout(total=self.settings.timeout), trust_env=False)
-        sub = await self.store.subscribe(subject_filters(self.CONSUMES))
+        try:
+            sub = await self._until_it_works("follow the webhook events",
+                                             lambda: self.store.subscribe(subject_filters(self.CONSUMES)))
+        except BaseException:
+            await self.http.close()
+            raise
         log.info("webhook dispatcher started", extra={"allow_private": self.allow_private})
         try:
             async for stored in sub:
@@ -134,6 +142,19 @@ class WebhookDispatcher:
             await sub.close()
             await cancel_and_wait(list(self.tasks.values()))
             await self.http.close()
+
+    async def _until_it_works(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, again after a pause while NATS is unreachable (the embedded server being
+        restarted, a cluster electing a leader): a dispatcher waits for NATS, it does not stop
+        the service."""
+        tries = 0
+        while True:
+            try:
+                return await call()
+            except (NatsError, OSError, asyncio.TimeoutError) as exc:
+                tries += 1
+                log.warning("webhook dispatcher cannot %s yet; retrying", what, extra={"error": repr(exc)})
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(tries, 5)))
 
     # ---- the fold -----------------------------------------------------------------------------
 
