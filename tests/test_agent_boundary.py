@@ -319,6 +319,20 @@ async def test_bwrap_shows_only_the_sandbox_system_dirs_and_grants(tmp_path: Pat
 
 
 @needs_bwrap
+async def test_no_network_leaves_a_step_only_its_own_loopback(tmp_path: Path) -> None:
+    """With --no-network the step cannot reach anything, the agent's own API on 127.0.0.1 included."""
+    probe = '''
+        import socket, urllib.parse
+        host, port = urllib.parse.urlsplit(os.environ["AGENT"]).hostname, urllib.parse.urlsplit(os.environ["AGENT"]).port
+        report({"connect": attempt(lambda: socket.create_connection((host, port), timeout=5).close())})
+    '''
+    for flag, expected in (("--network", "ok"), ("--no-network", "refused")):
+        async with running_agent(tmp_path / flag.strip("-"), "--isolation", "bwrap", flag) as (proc, c):
+            found = await run_report(c, tmp_path, "net", probe, python=SYS_PY, env={"AGENT": proc.url})
+        assert found["connect"][0] == expected, (flag, found)
+
+
+@needs_bwrap
 async def test_a_program_outside_the_view_is_refused_until_granted(tmp_path: Path) -> None:
     tools = tmp_path / "tools"
     tools.mkdir()

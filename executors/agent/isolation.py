@@ -190,7 +190,6 @@ class Isolation:
     reason: str  # why this mode (shown at start and in /v1/healthz)
     limits: Limits
     run_as: RunAs | None
-    kill_grace: float
     bwrap: str | None = None
     setpriv: str | None = None
     network: bool = True
@@ -220,7 +219,7 @@ class Isolation:
                 resolved.append(real)
             grants[flag] = resolved
         run_as = _run_as(settings)
-        iso = cls("none", "", limits, run_as, settings.kill_grace, network=settings.network,
+        iso = cls("none", "", limits, run_as, network=settings.network,
                   reads=grants["--read"], writes=grants["--write"], hidden=hidden)
         if settings.isolation == "none":
             iso.reason = "--isolation none"

@@ -94,7 +94,7 @@ def collect_outputs(out_dir: Path) -> list[StepOutput]:
 
 def _open_checked(out_real: Path, name: str, what: str) -> int:
     try:
-        return open_regular(out_real, os.path.normpath(name))
+        return open_regular(out_real, name)  # '.' and '//' are dropped, '..' is refused
     except UnsafeFile as e:
         raise StepFailure(f"{what}: {e}; outputs must be regular files created in {OUTPUT_DIR}") from None
 
