@@ -16,7 +16,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import api, append, e2e, events, replay, scheduling, solver_scaling
+from . import api, append, e2e, events, replay, scheduling, solver_scaling, webhooks
 from .common import FULL, SMOKE, Result, Sizes, cores, say
 
 BENCHMARKS = {
@@ -27,6 +27,7 @@ BENCHMARKS = {
     "e2e": e2e.bench,
     "api": api.bench,
     "events": events.bench,
+    "webhooks": webhooks.bench,
 }
 DEFAULT_OUT = Path(__file__).resolve().parent / "results.json"
 

@@ -47,6 +47,8 @@ KEPT_DELIVERIES = 50
 SECRET_PREFIX = "whsec_"
 SECRET_BYTES = 32
 MAX_RUNS = 100
+RESOLVE_TIMEOUT = 5.0
+"""Seconds a target's name may take to resolve (a creation request waits for it)."""
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -158,7 +160,10 @@ async def check_target(url: str, allow_private: bool) -> None:
     if allow_private:
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+        async with asyncio.timeout(RESOLVE_TIMEOUT):
+            infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except TimeoutError:
+        raise TargetRefused(f"url's host {host!r} did not resolve within {RESOLVE_TIMEOUT:g}s") from None
     except (OSError, UnicodeError) as exc:
         raise TargetRefused(f"url's host {host!r} does not resolve: {exc}") from None
     _refuse_private(host, (info[4][0] for info in infos))

@@ -279,6 +279,31 @@ async def test_rotation_signs_with_both_during_grace_and_no_secret_leaks(make_se
     await wait_until(lambda: _consumer_gone(api, hook["id"]), what="the webhook's consumer removed")
 
 
+async def test_runs_and_types_filters_deliver_exactly_those_events(make_service, receiver: Receiver) -> None:
+    api = await make_service(**FAST)
+    r1, r2, other = await api.create_run(), await api.create_run(), await api.create_run()
+    one = await create(api, url=receiver.url("one"), runs=[r1])
+    term = await create(api, url=receiver.url("term"), runs=[r1, r2], types=["RunTerminationRequested"])
+    for run_id in (r1, r2, other):
+        status, body = await api.call("POST", f"/api/run/{run_id}/terminate")
+        assert status < 300, body
+
+    async def matching(hook: dict[str, Any], runs: set[str], types: set[str] | None) -> list[str]:
+        events = await expected_after(api, await created_seq(api, hook["id"]), types)
+        return [e.envelope.id for e in events if getattr(e.event, "run_id", None) in runs]
+
+    async def delivered() -> bool:
+        return (set(await matching(one, {r1}, None)) <= {h.headers["webhook-id"] for h in receiver.of("one")}
+                and set(await matching(term, {r1, r2}, {"RunTerminationRequested"}))
+                <= {h.headers["webhook-id"] for h in receiver.of("term")})
+
+    await wait_until(delivered, what="the filtered deliveries")
+    assert in_order_once(receiver.of("one")) == await matching(one, {r1}, None)
+    assert in_order_once(receiver.of("term")) == await matching(term, {r1, r2}, {"RunTerminationRequested"})
+    assert len(receiver.of("term")) >= 2
+    assert {verified(h, one["secret"]).get_subject() for h in receiver.of("one")} == {r1}
+
+
 PRIVATE = ["http://127.0.0.1:9/x", "http://localhost:9/x", "http://10.1.2.3/x", "http://192.168.0.1/x",
            "http://169.254.169.254/latest/meta-data", "http://[::1]:9/x", "http://[::ffff:127.0.0.1]/x",
            "http://0.0.0.0:9/x", "http://100.64.0.1/x"]

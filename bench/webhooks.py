@@ -1,0 +1,174 @@
+"""8. Webhooks: how soon a receiver gets an appended event, and what delivering costs the append
+path. One ``mlynar serve --roles api,projector,webhooks`` child process; W webhooks on
+``RunCreated``, all pointing at one aiohttp receiver in this process on 127.0.0.1.
+
+* **Delivery latency**: each event is appended alone (the next one only when every webhook has
+  the previous), from just before ``publish`` to the receiver's handler. Floor: a bare aiohttp
+  client POSTing the same body to the same receiver, measured the same way in the same run.
+* **Append path**: the append acknowledgement's latency during a burst of appends while the W
+  webhooks deliver them, next to the same burst before any webhook existed (same process, same
+  run): delivery runs in its own consumers, so the ratio should stay near 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from mlynar_events.events import RunCreated
+from mlynar_events.store import EventStore
+
+from mlynar_events.nats_server import free_port
+
+from .common import Result, ServeProcess, Sizes, embedded_nats, percentile, ratio, say
+
+SINK = """
+import sys
+from aiohttp import web
+count = 0
+async def hook(request):
+    global count
+    await request.read()
+    count += 1
+    return web.Response(status=204)
+async def total(request):
+    return web.json_response(count)
+app = web.Application()
+app.router.add_post("/hook/{name}", hook)
+app.router.add_get("/count", total)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+"""The burst's receiver, in its own process: the appends are timed in this one, and a receiver
+answering thousands of POSTs on the same event loop would slow them down, not the service."""
+TARGET_P99_MS = 50.0
+TARGET_APPEND_RATIO = 1.5
+
+
+class Receiver:
+    """Records when each (webhook, event id) arrives; always answers 204."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str], float] = {}
+        self.bodies: dict[str, bytes] = {}
+        self.arrived = asyncio.Condition()
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook/{name}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = self.runner.addresses[0][1]
+
+    async def handle(self, request: web.Request) -> web.Response:
+        at = time.perf_counter()
+        body = await request.read()
+        event_id = request.headers.get("webhook-id", "floor")
+        async with self.arrived:
+            self.seen[(request.match_info["name"], event_id)] = at
+            self.bodies.setdefault(event_id, body)
+            self.arrived.notify_all()
+        return web.Response(status=204)
+
+    async def wait_for(self, keys: list[tuple[str, str]]) -> None:
+        async with self.arrived:
+            await asyncio.wait_for(self.arrived.wait_for(lambda: all(k in self.seen for k in keys)), 30)
+
+
+async def _append_burst(store: EventStore, n: int) -> tuple[list[float], list[str]]:
+    """``n`` appends one after the other: each acknowledgement's latency (ms), the event ids."""
+    latencies, ids = [], []
+    for _ in range(n):
+        event_id = str(uuid.uuid4())
+        t0 = time.perf_counter()
+        await store.append(RunCreated(run_id=str(uuid.uuid4())), actor="bench", msg_id=event_id)
+        latencies.append((time.perf_counter() - t0) * 1000)
+        ids.append(event_id)
+    return latencies, ids
+
+
+async def _wait_count(http: aiohttp.ClientSession, port: int, want: int, timeout: float = 120.0) -> None:
+    """Until the sink has had ``want`` POSTs (it also answers before it is up: ``ClientError``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            async with http.get(f"http://127.0.0.1:{port}/count") as r:
+                if await r.json() >= want:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"the sink did not get {want} deliveries within {timeout}s")
+
+
+async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
+    hooks, events, burst = (2, 30, 200) if sizes.smoke else (10, 300, 2_000)
+    receiver = Receiver()
+    await receiver.start()
+    sink_port = free_port()
+    sink = await asyncio.create_subprocess_exec(sys.executable, "-c", SINK, str(sink_port))
+    async with embedded_nats(tmp) as url:
+        async with ServeProcess(tmp / "serve", url, "api,projector,webhooks", "--no-local-machine") as service:
+            store = await EventStore.connect(url)
+            http = aiohttp.ClientSession()
+            try:
+                await _append_burst(store, 50)  # warm-up: connections, the stream's first blocks
+                quiet, _ = await _append_burst(store, burst)  # before any webhook: the floor
+                names = [f"h{n}" for n in range(hooks)]
+                for name in names:
+                    async with http.post(f"{service.url}/api/webhooks", json={
+                            "url": f"http://127.0.0.1:{receiver.port}/hook/{name}", "types": ["RunCreated"]}) as r:
+                        assert r.status == 201, await r.text()
+                ours: list[float] = []
+                floor: list[float] = []
+                for _ in range(events):
+                    event_id = str(uuid.uuid4())
+                    t0 = time.perf_counter()
+                    await store.append(RunCreated(run_id=str(uuid.uuid4())), actor="bench", msg_id=event_id)
+                    await receiver.wait_for([(name, event_id) for name in names])
+                    ours += [(receiver.seen[(name, event_id)] - t0) * 1000 for name in names]
+                    t1 = time.perf_counter()
+                    async with http.post(f"http://127.0.0.1:{receiver.port}/hook/floor",
+                                         data=receiver.bodies[event_id]) as r:
+                        await r.read()
+                    floor.append((receiver.seen.pop(("floor", "floor")) - t1) * 1000)
+                async with http.get(f"{service.url}/api/webhooks") as r:  # the latency phase's go
+                    for hook in await r.json():
+                        async with http.delete(f"{service.url}/api/webhooks/{hook['id']}") as d:
+                            assert d.status == 200
+                for name in names:  # the burst's point at the sink
+                    async with http.post(f"{service.url}/api/webhooks", json={
+                            "url": f"http://127.0.0.1:{sink_port}/hook/{name}", "types": ["RunCreated"]}) as r:
+                        assert r.status == 201, await r.text()
+                busy, _ = await _append_burst(store, burst)  # while the webhooks deliver them
+                await _wait_count(http, sink_port, hooks * burst)
+                say(f"  webhooks: {events} events to {hooks} webhooks one at a time, bursts of {burst} appends")
+            finally:
+                await http.close()
+                await store.close()
+                sink.terminate()
+                await sink.wait()
+    assert receiver.runner is not None
+    await receiver.runner.cleanup()
+    note = (f"{hooks} webhooks on one dispatcher, {events} appends one at a time; "
+            "floor = a bare aiohttp POST of the same body to the same receiver")
+    out = []
+    for p in (50, 99):
+        v, f = percentile(ours, p), percentile(floor, p)
+        target = TARGET_P99_MS if p == 99 else None
+        out.append(Result(f"webhook delivery latency p{p}", v, "ms", f, ratio(v, f),
+                          f"<= {target:g} ms" if target else None, (v <= target) if target else None, note=note))
+    v, f = percentile(busy, 99), percentile(quiet, 99)
+    out.append(Result("webhook append ack p99 while delivering", v, "ms", f, ratio(v, f),
+                      f"<= {TARGET_APPEND_RATIO:g}x floor", ratio(v, f) is not None and v <= TARGET_APPEND_RATIO * f,
+                      note=f"{burst} appends back to back while {hooks} webhooks deliver them; "
+                           "floor = the same burst before any webhook existed"))
+    return out
