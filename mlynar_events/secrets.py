@@ -149,7 +149,7 @@ class SecretStore:
             kv = await js.create_key_value(bucket=BUCKET, history=1, replicas=replicas, description="mlynar secrets")
         store = cls(kv, cipher)
         if cipher is not None:
-            await store.encrypt_plaintext()
+            await store.encrypt_plaintext()  # and checks the key opens what is sealed
         return store
 
     def _seal(self, key: str, value: str) -> bytes:
@@ -165,18 +165,28 @@ class SecretStore:
     async def encrypt_plaintext(self) -> int:
         """Re-encrypt every value an older version stored in plaintext (the upgrade of an
         existing data directory); a value changed meanwhile by another replica is left to it
-        (the update is conditional on the revision read). Returns how many were encrypted."""
+        (the update is conditional on the revision read). Returns how many were encrypted.
+
+        Sealed values are opened on the way: a key file that does not open them (another
+        replica's, a regenerated one) raises :class:`SecretsLocked` here, at start, rather than
+        at the first step that needs a machine token."""
         try:
             keys = await self.kv.keys()
         except NoKeysError:
             return 0
         upgraded = 0
+        locked: list[str] = []
         for key in keys:
             try:
                 entry = await self.kv.get(key)
             except (KeyNotFoundError, KeyDeletedError):
                 continue
-            if entry.value and not entry.value.startswith(SEALED) and entry.revision is not None:
+            if entry.value and entry.value.startswith(SEALED):
+                try:
+                    self._open(key, entry.value)
+                except SecretsLocked:
+                    locked.append(key)
+            elif entry.value and entry.revision is not None:
                 try:
                     await self.kv.update(key, self._seal(key, entry.value.decode()), last=entry.revision)
                     upgraded += 1
@@ -184,6 +194,9 @@ class SecretStore:
                     log.debug("secret changed while encrypting it", extra={"key": key})
         if upgraded:
             log.info("encrypted secrets stored in plaintext by an older version", extra={"count": upgraded})
+        if locked:
+            raise SecretsLocked(f"{len(locked)} secret(s) in NATS ({', '.join(sorted(locked)[:3])}...) do not decrypt "
+                                "with this secrets key: every replica needs the same --secrets-key-file")
         return upgraded
 
     async def put(self, key: str, value: str) -> str:

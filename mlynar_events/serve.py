@@ -29,7 +29,7 @@ from .config import ServeSettings, is_loopback
 from .events import STREAM, MachineRegistered, MachineUpdated, key_filter
 from .nats_connect import NatsOptions, NatsUnavailable
 from .nats_server import EmbeddedNats, embedded_credentials
-from .secrets import SecretCipher, SecretStore, machine_token_key, private_dir, secret_ref
+from .secrets import SecretCipher, SecretsLocked, SecretStore, machine_token_key, private_dir, secret_ref
 from .solver import Solver
 from .errors import CommandError
 from .specs import SpecError, load_documents
@@ -187,7 +187,10 @@ class Service:
                                                       replicas=s.store.stream_replicas)
         self._on_stop(store.close)
         await report_stream_replicas(store, s.store.stream_replicas)
-        secrets = await SecretStore.open(store.js, s.store.stream_replicas, cipher)
+        try:
+            secrets = await SecretStore.open(store.js, s.store.stream_replicas, cipher)
+        except SecretsLocked as exc:
+            raise ConfigError(str(exc)) from None
         url = ",".join(options.servers)
         blobs = FileBlobStore(s.resolved_blob_dir)
         if s.registry:

@@ -401,3 +401,15 @@ async def test_a_shared_directory_given_by_mistake_is_not_tightened(tmp_path: Pa
         assert _mode(service.settings.data_dir) == 0o700
     finally:
         await service.stop()
+
+
+async def test_another_secrets_key_does_not_start(tmp_path: Path) -> None:
+    """A replica given a key file that does not open the sealed secrets stops at start, saying
+    so, instead of failing every step that needs a machine token later."""
+    first = Service(service_settings(tmp_path, None))
+    await first.start()
+    await first.stop()
+    other = tmp_path / "other.key"
+    other.write_text("ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=\n")
+    with pytest.raises(ConfigError, match="do not decrypt with this secrets key"):
+        await Service(service_settings(tmp_path, None, secrets_key_file=other)).start()
