@@ -52,7 +52,6 @@ SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "
                "/run/systemd/resolve")
 
 _PR_SET_PDEATHSIG = 1
-_PR_SET_NO_NEW_PRIVS = 38
 _libc = ctypes.CDLL(None, use_errno=True)  # the process image: libc is in it (find_library would spawn ldconfig)
 _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -62,11 +61,10 @@ _prctl.restype = ctypes.c_int
 # --- the process tree -------------------------------------------------------------------------
 
 
-def signal_tree(root: int, sig: int, *, include_root: bool) -> int:
-    """Send ``sig`` to every descendant of ``root`` (and ``root`` itself when asked); how many
-    processes it reached."""
+def signal_descendants(root: int, sig: int) -> int:
+    """Send ``sig`` to every descendant of ``root`` (not ``root``); how many processes it reached."""
     n = 0
-    for pid in descendants(root) + ([root] if include_root else []):
+    for pid in descendants(root):
         try:
             os.kill(pid, sig)
             n += 1
@@ -80,7 +78,7 @@ async def kill_tree(root: int) -> None:
     killed last so that orphans keep being re-parented to it (the shim is a subreaper; under
     bwrap they are in its PID namespace) and the next look still finds them."""
     for _ in range(200):
-        if not signal_tree(root, signal.SIGKILL, include_root=False):
+        if not signal_descendants(root, signal.SIGKILL):
             break
         await asyncio.sleep(0.01)  # the kernel finishes the exits; then look again
     try:
@@ -384,8 +382,8 @@ class Isolation:
         that already exited left nothing behind (bwrap's namespace, the shim's sweep)."""
         if proc.returncode is not None:
             return
-        if grace is not None and proc.returncode is None:
-            signal_tree(proc.pid, signal.SIGTERM, include_root=False)
+        if grace is not None:
+            signal_descendants(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(proc.wait()), grace)
             except asyncio.TimeoutError:
