@@ -134,7 +134,10 @@ class Projector:
         self._advanced = asyncio.Condition()
 
     async def run(self) -> None:
-        self.position = await checkpoint(self.db)
+        start = await checkpoint(self.db)
+        async with self._advanced:  # a waiter from before the checkpoint was read sees it now
+            self.position = start
+            self._advanced.notify_all()
         sub = await self.store.subscribe(subject_filters(self.CONSUMES), self.position + 1)
         try:
             await follow(sub, self._commit, BATCH)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import re
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from mlynar_events.events import StoredEvent, WebhookDisabled, key_filter
 from mlynar_events.webhooks import DELIVERIES_BUCKET, consumer_name
 
+from agent_helpers import clean_env
 from support import REPO, Api, wait_until
 
 TOKEN = "webhook-test-token-0123456789"
@@ -46,12 +49,14 @@ class Hit:
 @dataclass
 class Receiver:
     """A real HTTP receiver: records every POST to ``/hook/<name>`` and answers with
-    ``status[name]`` (200 unless set); it can be stopped (connection refused) and restarted on
-    the same port."""
+    ``status[name]`` (200 unless set), or holds it open while ``holds[name]`` is not set; it can
+    be stopped (connection refused) and restarted on the same port."""
 
     port: int = 0
     status: dict[str, int] = field(default_factory=dict)
     hits: list[Hit] = field(default_factory=list)
+    holds: dict[str, asyncio.Event] = field(default_factory=dict)
+    held: list[Hit] = field(default_factory=list)
     runner: web.AppRunner | None = None
 
     async def start(self) -> "Receiver":
@@ -70,6 +75,11 @@ class Receiver:
 
     async def _handle(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
+        hold = self.holds.get(name)
+        if hold is not None and not hold.is_set():  # keep the request open: a delivery in flight
+            self.held.append(Hit(name, {k.lower(): v for k, v in request.headers.items()}, await request.read(), 0))
+            await hold.wait()
+            return web.Response(status=503)
         status = self.status.get(name, 200)
         self.hits.append(Hit(name, {k.lower(): v for k, v in request.headers.items()}, await request.read(), status))
         return web.Response(status=status)
@@ -302,6 +312,64 @@ async def test_runs_and_types_filters_deliver_exactly_those_events(make_service,
     assert in_order_once(receiver.of("term")) == await matching(term, {r1, r2}, {"RunTerminationRequested"})
     assert len(receiver.of("term")) >= 2
     assert {verified(h, one["secret"]).get_subject() for h in receiver.of("one")} == {r1}
+
+
+class ServeProcess:
+    """``mlynar serve`` as a child process (so it can be SIGKILLed), on an external NATS."""
+
+    def __init__(self, tmp: Path, name: str, nats_url: str, *args: str) -> None:
+        self.log = tmp / f"{name}.log"
+        argv = [sys.executable, "-m", "mlynar_events.cli", "serve", "--nats-url", nats_url, "--data-dir",
+                str(tmp / "data"), "--port", "0", "--roles", "api,projector,webhooks", "--no-local-machine",
+                "--log-format", "json", *args]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+
+    async def serving(self) -> str:
+        async def api_url() -> str | None:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            for line in self.log.read_text().splitlines()[::-1]:
+                if '"mlynar serving"' in line:
+                    return json.loads(line)["api"]
+            return None
+
+        return await wait_until(api_url, 60, what="serve to serve")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+async def test_a_dispatcher_killed_mid_delivery_loses_nothing(nats_url: str, receiver: Receiver, tmp_path: Path) -> None:
+    """SIGKILL while a delivery is in flight (the receiver holds the request): the next process
+    gets the event again after --webhook-ack-wait and delivers everything in order."""
+    hold = receiver.holds["k"] = asyncio.Event()
+    held = receiver.held
+    args = ("--webhook-ack-wait", "1", "--webhook-retry-base", "0.01", "--webhook-retry-cap", "0.05")
+    first = ServeProcess(tmp_path, "first", nats_url, *args)
+    second: ServeProcess | None = None
+    try:
+        async with aiohttp.ClientSession(await first.serving()) as http:
+            api = Api(http, None)
+            hook = await create(api, url=receiver.url("k"), types=["RunCreated"])
+            runs = [await api.create_run(), await api.create_run()]
+            await wait_until(lambda: _ready(held), what="a delivery in flight")
+        first.kill()
+        hold.set()
+        second = ServeProcess(tmp_path, "second", nats_url, *args)
+        await second.serving()
+        await wait_until(lambda: _ready(len(receiver.of("k")) >= 2), what="deliveries after the restart")
+        subjects = [verified(h, hook["secret"]).get_subject() for h in receiver.of("k")]
+        assert subjects[:2] == runs and len(set(subjects)) == 2
+        assert receiver.of("k")[0].headers["webhook-id"] == held[0].headers["webhook-id"]
+    finally:
+        hold.set()
+        first.kill()
+        if second is not None:
+            second.proc.terminate()
+            second.proc.wait(30)
 
 
 PRIVATE = ["http://127.0.0.1:9/x", "http://localhost:9/x", "http://10.1.2.3/x", "http://192.168.0.1/x",
