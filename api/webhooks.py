@@ -26,7 +26,7 @@ from mlynar_events.events import (
 from mlynar_events.store import ConcurrencyConflict
 from mlynar_events.webhooks import (
     MAX_RUNS, WebhookRuleError, check_target, deliveries_bucket, delivery_filters,
-    new_secret, new_webhook_id, private_targets_allowed, read_deliveries, secret_key,
+    new_secret, new_secret_key, new_webhook_id, private_targets_allowed, read_deliveries,
 )
 from projections.webhook_views import get_webhook as view_of, webhooks as all_views
 
@@ -122,7 +122,7 @@ async def create_webhook(request: web.Request) -> web.Response:
         raise BadRequest(str(exc), {"url": body.url, "types": body.types, "runs": body.runs}) from None
     webhook_id = new_webhook_id()
     secret = new_secret()
-    ref = await c.secrets.put(secret_key(webhook_id), secret)
+    ref = await c.secrets.put(new_secret_key(webhook_id), secret)
     event = WebhookCreated(webhook_id=webhook_id, url=body.url, types=sorted(set(body.types)),
                            runs=sorted(set(body.runs)), description=body.description, secret_ref=ref)
     try:
@@ -163,7 +163,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
     grace = RotateIn.model_validate(raw or {}).gracePeriodSeconds
     grace = c.settings.webhook_rotation_grace if grace is None else grace
     secret = new_secret()
-    ref = await c.secrets.put(secret_key(row["id"]), secret)
+    ref = await c.secrets.put(new_secret_key(row["id"]), secret)
     until = datetime.now(timezone.utc) + timedelta(seconds=grace)
     try:
         ack = await c.store.append(

@@ -70,7 +70,7 @@ def new_secret() -> str:
     return SECRET_PREFIX + base64.b64encode(_random.token_bytes(SECRET_BYTES)).decode()
 
 
-def secret_key(webhook_id: str) -> str:
+def new_secret_key(webhook_id: str) -> str:
     """A fresh key in the secret store for one of the webhook's secrets: each rotation gets its
     own, so the previous one can keep signing through the grace period."""
     return f"webhook.{webhook_id}.{uuid.uuid4().hex[:12]}"
