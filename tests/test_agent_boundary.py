@@ -119,7 +119,11 @@ async def test_manifest_cannot_set_path_or_loader_variables(tmp_path: Path) -> N
     async with running_agent(tmp_path / "w", *UNCONFINED, "--allow", "true") as (proc, c):
         for var, value in [("PATH", str(fake_bin)), ("LD_PRELOAD", str(tmp_path / "evil.so")),
                            ("LD_LIBRARY_PATH", str(tmp_path)), ("PYTHONPATH", str(tmp_path)),
-                           ("BASH_ENV", str(fake)), ("NODE_OPTIONS", "--require /tmp/x.js")]:
+                           ("BASH_ENV", str(fake)), ("NODE_OPTIONS", "--require /tmp/x.js"),
+                           # a provider module loaded into anything that uses libcrypto
+                           ("OPENSSL_CONF", str(tmp_path / "o.cnf")), ("OPENSSL_MODULES", str(tmp_path)),
+                           ("BASH_FUNC_true", "() { echo pwned; }"), ("GIT_CONFIG_COUNT", "1"),
+                           ("PYTHONWARNINGS", "ignore::evil.Warning"), ("LESSOPEN", f"|{fake} %s")]:
             step_id = "env-" + var.lower().replace("_", "-")
             await c.put_step(step_id, {"command": ["true"], "env": {var: value}}, {})
             assert_refused(await wait_terminal(c, step_id), f"the manifest sets {var}")

@@ -33,9 +33,21 @@ FORBIDDEN_ENV = frozenset({
     "PERL5LIB", "PERLLIB", "PERL5OPT", "RUBYLIB", "RUBYOPT", "NODE_OPTIONS", "NODE_PATH",
     "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS", "CLASSPATH",
     "LUA_PATH", "LUA_CPATH", "TCLLIBPATH", "R_PROFILE", "R_PROFILE_USER", "R_LIBS", "R_LIBS_USER",
+    # Python imports a warning category's module, and reads cached bytecode from the prefix
+    "PYTHONWARNINGS", "PYTHONPYCACHEPREFIX",
+    # programs an allowed tool may start by itself (a pager, an editor, less's input filter)
+    "PAGER", "GIT_PAGER", "MANPAGER", "EDITOR", "VISUAL", "BROWSER", "LESSOPEN", "LESSCLOSE",
+    # configuration files that can name programs or modules to load
+    "CURL_HOME", "WGETRC", "XDG_CONFIG_HOME", "XDG_CONFIG_DIRS", "TERMINFO", "TERMINFO_DIRS",
+    "SSLKEYLOGFILE",
 })
-#: Prefixes of variables read by dynamic loaders (glibc ``LD_*``, macOS ``DYLD_*``).
-FORBIDDEN_ENV_PREFIXES = ("LD_", "DYLD_")
+#: Prefixes of such variables: dynamic loaders (glibc ``LD_*``, macOS ``DYLD_*``), OpenSSL's
+#: configuration, providers and engines (``OPENSSL_CONF`` loads a shared object into any program
+#: using libcrypto), exported bash functions (``BASH_FUNC_name%%`` replaces a command inside
+#: any bash script), git's configuration from the environment (``GIT_CONFIG_*`` can set hooks
+#: and programs), and Perl/Ruby/Node start-up options. A deny list is a best effort on top of the
+#: real boundary, the isolation (docs/AGENT.md).
+FORBIDDEN_ENV_PREFIXES = ("LD_", "DYLD_", "OPENSSL_", "BASH_FUNC_", "GIT_", "PERL5", "RUBY", "NODE_")
 
 
 class Refusal(Exception):
