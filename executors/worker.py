@@ -45,7 +45,7 @@ from mlynar_events.events import (
 )
 from mlynar_events.outputs import OutputManifestError, check_kinds
 from mlynar_events.runstate import RunState, RunStateCache
-from mlynar_events.store import EventStore, decode, retrying
+from mlynar_events.store import EventStore, decode, is_transient, retrying
 from mlynar_events.tasks import cancel_and_wait
 
 from .backend import Attempt, AttemptResult, Backend
@@ -171,6 +171,14 @@ class StepWorker:
                     msgs = await psub.fetch(batch=self.concurrency - self.active, timeout=5.0)
                 except asyncio.TimeoutError:
                     continue
+                except Exception as exc:
+                    # 409: the pull request ended by the server (leadership change, shutdown)
+                    if not (is_transient(exc) or (isinstance(exc, APIError) and exc.code == 409)):
+                        raise
+                    # a leader change or a node restarting: pull again shortly, never crash the role
+                    log.warning("pulling steps failed; pulling again", extra={"executor": self.name, "error": repr(exc)})
+                    await asyncio.sleep(0.5 + random.random())
+                    continue
                 for msg in msgs:
                     self.active += 1
                     task = asyncio.create_task(self._handle(msg))
@@ -267,6 +275,8 @@ class StepWorker:
         if state.termination is not None and state.termination.cancel:
             await self._append(StepCancelled(run_id=step.run_id, step_id=step.step_id, reason="run terminated"),
                                f"{step.step_id}:cancelled")
+            if current.attempt and backend is not None:  # an attempt left running by a dead executor
+                await self._release(backend, self._attempt_of(backend, step, current.attempt), failed=True)
             return
         if backend is None:
             await self._append(StepFailed(run_id=step.run_id, step_id=step.step_id, attempt=max(current.attempt, 1),

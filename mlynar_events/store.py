@@ -131,7 +131,7 @@ def _decode(seq: int, subject: str, data: bytes) -> StoredEvent | None:
 
 class EventStore:
     def __init__(self, nc: NATS, *, duplicate_window: float = 120.0, replicas: int = 1,
-                 retry_for: float = 30.0, timeout: float = 5.0) -> None:
+                 retry_for: float = 30.0, timeout: float = 10.0) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream(timeout=timeout)
         self.duplicate_window = duplicate_window

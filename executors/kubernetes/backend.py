@@ -192,6 +192,7 @@ class KubernetesBackend:
             return AttemptResult(ok=False, retryable=False,
                                  error=f"a Job named {names.job} exists in namespace {ns} that mlynar did not create for this step")
         if job is None and not a.cancelled.is_set():
+            await self._stop_previous(a)
             created = await self._create(a, names)
             log.info("step job created" if created else "step job exists; re-attaching", extra=ctx)
         else:
@@ -207,6 +208,20 @@ class KubernetesBackend:
             return await self._outputs(a, logs)  # the objects stay until release()
         log.info("step job failed", extra={**ctx, "error": outcome.error})
         return AttemptResult(ok=False, error=outcome.error, logs=logs, retryable=outcome.retryable)
+
+    async def _stop_previous(self, a: Attempt) -> None:
+        """A previous attempt lost to the API (no answer while it was watched) may still run: its
+        Job is removed before this one is created, so a step never has two Jobs running at once.
+        A previous Job that finished (failed) is left to its release."""
+        if a.attempt <= 1:
+            return
+        previous = m.StepObjects(self.external_id(a.step, a.attempt - 1))
+        k = self.kube
+        job = await k.get(f"get job {previous.job}", k.batch.read_namespaced_job, previous.job, self.namespace)
+        if job is not None and evaluate(job, {}, a.step, force=True) is None:
+            log.info("stopping the previous attempt's job before starting this one",
+                     extra={"run_id": a.step.run_id, "step_id": a.step.step_id, "job": previous.job})
+            await self._cleanup(previous, {})
 
     async def _create(self, a: Attempt, names: m.StepObjects) -> bool:
         """Secret, PVC, Job — in that order, so the pod finds its volume and credential. Each

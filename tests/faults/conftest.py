@@ -93,22 +93,28 @@ cluster {{
                     node.proc.kill()
                     node.proc.wait()
 
-    async def connect(self, **kwargs: object) -> nats.NATS:
-        return await nats.connect(servers=self.urls, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
-                                  **kwargs)  # type: ignore[arg-type]
+    async def connect(self, node: Node | None = None, **kwargs: object) -> nats.NATS:
+        """A connection to the cluster (to ``node`` first, when given; the others are fallbacks)."""
+        servers = self.urls if node is None else [node.url, *(u for u in self.urls if u != node.url)]
+        return await nats.connect(servers=servers, dont_randomize=node is not None, max_reconnect_attempts=-1,
+                                  reconnect_time_wait=0.2, **kwargs)  # type: ignore[arg-type]
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Every node listens and JetStream has a meta leader (an account info answers)."""
+        """JetStream has a meta leader that knows every peer: an R3 stream can be placed (a probe
+        stream is created and deleted; right after start "no suitable peers for placement")."""
         nc = await self.connect()
         try:
+            js = nc.jetstream(timeout=2.0)
+
             async def ready() -> bool:
                 try:
-                    await nc.jetstream(timeout=1.0).account_info()
+                    await js.add_stream(name="READY_PROBE", subjects=["ready-probe"], num_replicas=3)
+                    await js.delete_stream("READY_PROBE")
                     return True
-                except Exception:  # noqa: BLE001 - not ready yet: no meta leader
+                except Exception:  # noqa: BLE001 - not ready yet: no meta leader, peers unknown
                     return False
 
-            await wait_until(ready, timeout, interval=0.1, what="the JetStream cluster to elect a meta leader")
+            await wait_until(ready, timeout, interval=0.1, what="the JetStream cluster to place an R3 stream")
         finally:
             await nc.close()
 
@@ -138,8 +144,8 @@ async def cluster_stores(cluster: NatsCluster) -> AsyncIterator[Callable[..., Aw
     teardown."""
     opened: list[EventStore] = []
 
-    async def open_store(**kwargs: object) -> EventStore:
-        store = EventStore(await cluster.connect(), replicas=3, **kwargs)  # type: ignore[arg-type]
+    async def open_store(node: Node | None = None, **kwargs: object) -> EventStore:
+        store = EventStore(await cluster.connect(node), replicas=3, **kwargs)  # type: ignore[arg-type]
         await store.ensure_stream()
         opened.append(store)
         return store

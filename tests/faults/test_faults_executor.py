@@ -40,7 +40,7 @@ from mlynar_events.tasks import cancel_and_wait
 from support import wait_until
 
 from agent_helpers import clean_env
-from conftest import fill, ledger_lines, ledger_operator
+from conftest import NatsCluster, fill, ledger_lines, ledger_operator
 
 MLYNAR = [str(Path(sys.executable).parent / "mlynar")]
 
@@ -133,7 +133,7 @@ async def stacks(store: EventStore, tmp_path: Path) -> AsyncIterator[Callable[..
 @pytest.fixture
 async def agent_url(tmp_path: Path) -> AsyncIterator[str]:
     agent = await start_agent(AgentSettings(host="127.0.0.1", port=0, insecure_no_auth=True,
-                                            work_dir=tmp_path / "agent", isolation="none"))
+                                            work_dir=tmp_path / "agent", isolation="none", max_parallel=8))
     try:
         yield agent.url
     finally:
@@ -269,6 +269,39 @@ async def test_an_unreachable_agent_fails_the_step_after_the_infrastructure_cap(
     [failed] = await stack.events(run_id, StepFailed)
     assert failed.infrastructure and failed.attempt == 3
     assert not ledger.exists()
+
+
+# ---- the stream leader killed mid-run (finding 12) -----------------------------------------------
+
+
+async def test_the_stream_leader_killed_mid_run_loses_nothing_and_runs_nothing_twice(
+        cluster: NatsCluster, cluster_store: EventStore, agent_url: str, tmp_path: Path) -> None:
+    """Solver and executor on a three-node cluster (R3). With six steps running on the agent,
+    the stream leader is SIGKILLed and the steps are let finish: every step succeeds on its
+    first attempt, each input set ran once (ledger), every output is stored."""
+    items = [str(n) for n in range(6)]
+    stack = await Stack(cluster_store, tmp_path / "blobs", tmp_path / "executor", ack_wait=5.0).start()
+    try:
+        ledger, gate = tmp_path / "ledger.txt", tmp_path / "gate"
+        await stack.declare(agent_url, ledger_operator(tmp_path), {"LEDGER": str(ledger), "GATE": str(gate)})
+        run_id = await stack.run_of(items)
+        await wait_until(lambda: _true(len(ledger_lines(ledger)) == len(items)), timeout=30,
+                         what="every step running on the agent")
+        leader = await cluster.stream_leader(cluster_store)
+        cluster.kill(leader)
+        killed = time.monotonic()
+        gate.touch()
+        state = await stack.wait_status(run_id, "complete", timeout=60)
+        took = time.monotonic() - killed
+        assert sorted((s.status, s.attempt) for s in state.steps.values()) == [("success", 1)] * len(items)
+        assert sorted(line.split()[0] for line in ledger_lines(ledger)) == items
+        outputs = sorted((tmp_path / "blobs" / unit_key(run_id, u)).read_text()
+                         for s in state.steps.values() for u in s.outputs)
+        assert outputs == sorted(f"done {i}" for i in items)
+        print(f"\nstream leader {leader.name} SIGKILLed with {len(items)} steps finishing: run complete "
+              f"{took:.1f} s later, {len(ledger_lines(ledger))} executions")
+    finally:
+        await stack.stop()
 
 
 # ---- the shared consumer's ack-wait --------------------------------------------------------------

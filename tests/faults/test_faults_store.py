@@ -21,31 +21,41 @@ from mlynar_events.store import EventStore, run_filter
 from conftest import NatsCluster
 
 
+ROUNDS = 10
+
+
 def _retries(caplog: pytest.LogCaptureFixture, needle: str) -> int:
     return sum(1 for r in caplog.records if r.getMessage() == "transient JetStream error; retrying"
                and needle in str(getattr(r, "error", "")))
 
 
 async def test_two_appenders_of_the_same_fact_both_get_its_one_sequence(
-        cluster_stores: Callable[..., Awaitable[EventStore]], caplog: pytest.LogCaptureFixture) -> None:
+        cluster: NatsCluster, cluster_stores: Callable[..., Awaitable[EventStore]],
+        caplog: pytest.LogCaptureFixture) -> None:
     """Two stores (two connections, as two solver replicas) append the same events with the same
     ids at the same moment: neither raises, both are told the one stored sequence, the stream
-    holds each fact once."""
+    holds each fact once. Whether a round meets 10158 is up to the cluster's timing, so rounds
+    go on (each checked) until one has, at most ``ROUNDS``."""
     caplog.set_level(logging.INFO, "mlynar.store")
-    a, b = await cluster_stores(), await cluster_stores()
-    run_id = f"race-{uuid.uuid4().hex[:8]}"
-    await a.append(RunCreated(run_id=run_id), actor="test", msg_id=f"{run_id}:created")
-    facts = [StepFailed(run_id=run_id, step_id=f"s{i}", attempt=1, error="x") for i in range(200)]
-    acks = await asyncio.gather(*(s.append(f, actor="test", msg_id=f"{run_id}:{f.step_id}")
-                                  for f in facts for s in (a, b)))
-    pairs = list(zip(acks[0::2], acks[1::2]))
-    assert all(x.seq == y.seq for x, y in pairs), pairs
-    assert all(x.duplicate != y.duplicate for x, y in pairs)  # exactly one of the two stored it
-    events = await b.read(run_filter(run_id))
-    assert len(events) == 1 + len(facts)
-    raced = _retries(caplog, "10158")
-    print(f"\nappends that met 10158 (duplicate message id in process): {raced} of {len(acks)}")
-    assert raced > 0, "the race this test is about did not happen"
+    first = await cluster_stores()
+    leader = await cluster.stream_leader(first)
+    a, b = [await cluster_stores(n) for n in cluster.nodes if n != leader]
+    raced = rounds = 0
+    while not raced and rounds < ROUNDS:
+        rounds += 1
+        caplog.clear()
+        run_id = f"race-{uuid.uuid4().hex[:8]}"
+        await a.append(RunCreated(run_id=run_id), actor="test", msg_id=f"{run_id}:created")
+        facts = [StepFailed(run_id=run_id, step_id=f"s{i}", attempt=1, error="x") for i in range(100)]
+        acks = await asyncio.gather(*(s.append(f, actor="test", msg_id=f"{run_id}:{f.step_id}")
+                                      for f in facts for s in (a, b)))
+        pairs = list(zip(acks[0::2], acks[1::2]))
+        assert all(x.seq == y.seq for x, y in pairs), pairs
+        assert all(x.duplicate != y.duplicate for x, y in pairs)  # exactly one of the two stored it
+        assert len(await b.read(run_filter(run_id))) == 1 + len(facts)
+        raced = _retries(caplog, "10158")
+    print(f"\nappends that met 10158 (duplicate message id in process): {raced} of 200 in round {rounds}")
+    assert raced > 0, f"the race this test is about did not happen in {rounds} rounds"
 
 
 async def test_reads_and_appends_ride_out_the_stream_leader_being_killed(
