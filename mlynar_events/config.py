@@ -13,7 +13,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Self
+from typing import Any, Callable, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -169,6 +169,30 @@ class ExecutorSettings(SettingsGroup):
     ack_wait: float
 
 
+class LocalMachineSettings(SettingsGroup):
+    """How the built-in machine ``local`` runs steps (``--local-*``): the machine agent's own
+    settings of the same names (``executors/agent/settings.py``, docs/AGENT.md), given to the
+    agent ``serve`` starts. ``None`` leaves the agent's default; the defaults here keep the
+    built-in machine as it was (no isolation, steps as the service's user) so that ``make run``
+    and operators beside the registry files work; an operator of an exposed service sets them."""
+
+    FLAG_PREFIX: ClassVar[str] = "local_"
+    isolation: str
+    run_as_user: str
+    allow: list[str]
+    read: list[Path]
+    write: list[Path]
+    network: bool
+    limit_cpu_seconds: int | None
+    limit_memory_bytes: int | None
+    limit_processes: int | None
+    limit_file_bytes: int | None
+
+    def agent_values(self) -> dict[str, Any]:
+        """The fields to give ``AgentSettings`` (unset limits left to the agent's defaults)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class KubeSettings(SettingsGroup):
     """What the Kubernetes executor and crd-sync need (``--kube-*``)."""
 
@@ -207,7 +231,7 @@ class WebhookSettings(SettingsGroup):
     ack_wait: float
 
 
-GROUPS: tuple[type[SettingsGroup], ...] = (StoreSettings, ApiSettings, SolverSettings, ExecutorSettings, KubeSettings,
+GROUPS: tuple[type[SettingsGroup], ...] = (StoreSettings, ApiSettings, SolverSettings, ExecutorSettings, LocalMachineSettings, KubeSettings,
                                            WebhookSettings)
 
 PROCESS_FIELDS = frozenset({"data_dir", "registry", "roles", "blob_dir", "db_path", "local_machine", "log_level", "log_format"})
@@ -245,6 +269,16 @@ class ServeSettings(BaseModel):
     executor_concurrency: int = Field(16, description="steps one executor process runs at once")
     executor_ack_wait: float = Field(30.0, description="seconds without a heartbeat before a step of a dead executor is redelivered")
     local_machine: bool = Field(True, description="start the built-in agent registered as machine 'local'")
+    local_isolation: Literal["auto", "bwrap", "none"] = Field("none", description="how the built-in machine isolates its steps: bwrap (a private view of the filesystem, see docs/AGENT.md), auto (bwrap if it works here), none")
+    local_run_as_user: str = Field("", description="when serve runs as root, the built-in machine's steps run as this user ('' = as the service's user)")
+    local_allow: list[str] = Field(default_factory=list, description="the built-in machine runs only commands matching one of these patterns (as the agent's --allow)")
+    local_read: list[Path] = Field(default_factory=list, description="host path the built-in machine's isolated steps may read")
+    local_write: list[Path] = Field(default_factory=list, description="host path the built-in machine's isolated steps may read and write")
+    local_network: bool = Field(True, description="the built-in machine's steps may use the network (--no-local-network: isolated steps get only their own loopback, so not the API either)")
+    local_limit_cpu_seconds: int | None = Field(None, description="CPU seconds per step process on the built-in machine (default: the agent's)")
+    local_limit_memory_bytes: int | None = Field(None, description="memory per step process on the built-in machine (default: the agent's)")
+    local_limit_processes: int | None = Field(None, description="processes of the built-in machine's steps' user (default: the agent's)")
+    local_limit_file_bytes: int | None = Field(None, description="largest file a step on the built-in machine may write (default: the agent's)")
     api_token_file: Path | None = Field(None, description="file holding the bearer token the REST API requires")
     insecure_no_auth: bool = Field(False, description="allow a non-loopback --host without --api-token-file")
     duplicate_window: float = Field(120.0, description="JetStream duplicate window in seconds")
@@ -295,6 +329,10 @@ class ServeSettings(BaseModel):
         return ExecutorSettings.of(self)
 
     @property
+    def local(self) -> LocalMachineSettings:
+        return LocalMachineSettings.of(self)
+
+    @property
     def kube(self) -> KubeSettings:
         return KubeSettings.of(self)
 
@@ -329,6 +367,17 @@ PARSERS: dict[str, Callable[[str], Any]] = {"roles": _roles}
 """Fields whose flag needs more than its annotation's type to parse its text."""
 
 
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    """The parser of a ``Literal`` field's flag: one of its values, or a usage error naming them."""
+
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
 def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], bool, bool]:
     """(parser of one value, repeatable, boolean) for a field's annotation: ``X | None`` is X,
     ``list[X]`` repeats, ``bool`` is ``--x/--no-x``."""
@@ -337,6 +386,8 @@ def _flag_type(annotation: Any) -> tuple[Callable[[str], Any], bool, bool]:
         annotation = args[0]
     if annotation is bool:
         return str, False, True
+    if typing.get_origin(annotation) is Literal:
+        return _choice(typing.get_args(annotation)), False, False
     if typing.get_origin(annotation) is list:
         return typing.get_args(annotation)[0], True, False
     return annotation, False, False

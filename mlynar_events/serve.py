@@ -245,8 +245,10 @@ class Service:
         from executors.agent.settings import AgentSettings
 
         token = await secrets.get_or_create(machine_token_key(LOCAL_MACHINE))
+        # isolation, allow list and limits: the --local-* settings (LocalMachineSettings)
         agent = await start_agent(AgentSettings(host="127.0.0.1", port=0, token=token,
-                                                work_dir=self.settings.data_dir / "agent"))
+                                                work_dir=self.settings.data_dir / "agent",
+                                                **self.settings.local.agent_values()))
         self._on_stop(agent.stop)
         ref = secret_ref(machine_token_key(LOCAL_MACHINE))
         registry = await store.read(key_filter("machine", LOCAL_MACHINE))

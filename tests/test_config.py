@@ -87,3 +87,17 @@ def test_every_serve_setting_belongs_to_exactly_one_concern() -> None:
 def test_a_group_is_a_view_of_the_flags() -> None:
     s = parse("--kube-namespace", "jobs", "--executor-ack-wait", "7", "--max-json-bytes", "99")
     assert s.kube.namespace == "jobs" and s.executor.ack_wait == 7.0 and s.api.max_json_bytes == 99
+
+
+def test_local_machine_flags_reach_the_built_in_agent_and_choices_are_checked() -> None:
+    s = parse("--local-isolation", "bwrap", "--local-allow", "python3 /srv/ops/*", "--local-read", "/srv/data",
+              "--no-local-network", "--local-limit-processes", "64")
+    values = s.local.agent_values()
+    assert values["isolation"] == "bwrap" and values["allow"] == ["python3 /srv/ops/*"]
+    assert values["read"] == [Path("/srv/data")] and values["network"] is False and values["limit_processes"] == 64
+    assert "limit_cpu_seconds" not in values  # unset: the agent's own default
+    from executors.agent.settings import AgentSettings
+
+    AgentSettings(token="t" * 20, **values)  # every name is the agent's
+    with pytest.raises(SystemExit):
+        parse("--local-isolation", "chroot")
