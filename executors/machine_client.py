@@ -95,6 +95,11 @@ class AgentClient:
         return f"/v1/steps/{quote(step_id, safe='')}{suffix}"
 
     async def _raise_for(self, method: str, path: str, resp: aiohttp.ClientResponse) -> None:
+        if 300 <= resp.status < 400:
+            # Redirects are never followed: the agent's URL is the one the machine was registered
+            # with, and following one would make the service fetch (and store) any address.
+            raise AgentError(f"agent {self.url}: {method} {path}: answered a redirect ({resp.status}), "
+                             "which is not followed", resp.status)
         if resp.status < 400:
             return
         error: str | None = None
@@ -135,7 +140,7 @@ class AgentClient:
         try:
             async with session.request(
                 method, self.url + path, params=params, data=data, headers=self._headers(),
-                timeout=self._timeout(extra_read),
+                timeout=self._timeout(extra_read), allow_redirects=False,
             ) as resp:
                 await self._raise_for(method, path, resp)
                 try:
@@ -196,7 +201,8 @@ class AgentClient:
         try:
             with os.fdopen(fd, "wb") as out:
                 try:
-                    async with session.get(self.url + path, headers=self._headers(), timeout=self._timeout()) as resp:
+                    async with session.get(self.url + path, headers=self._headers(), timeout=self._timeout(),
+                                           allow_redirects=False) as resp:
                         await self._raise_for("GET", path, resp)
                         async for chunk in resp.content.iter_chunked(DOWNLOAD_CHUNK):
                             digest.update(chunk)
