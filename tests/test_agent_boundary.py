@@ -498,3 +498,50 @@ async def test_restart_requeues_queued_steps_and_reports_running_ones_lost(tmp_p
         assert (await c.delete_step("finished")) == {"deleted": True}
         assert not (work / "steps" / "finished").exists()
     assert ledger(tmp_path) == ["finished", "running", "queued"]  # each ran exactly once
+
+
+# --- a web page cannot drive an agent (cross-site requests, DNS rebinding) -----------------------
+
+
+async def test_a_web_page_cannot_submit_steps_to_an_agent(tmp_path: Path) -> None:
+    import aiohttp
+
+    proc = AgentProcess(tmp_path / "w", "--insecure-no-auth", *UNCONFINED).start()
+    try:
+        port = proc.url.rsplit(":", 1)[1]
+        form = aiohttp.FormData()
+        form.add_field("manifest", json.dumps({"command": ["true"]}), content_type="application/json")
+        async with aiohttp.ClientSession() as http:
+            attacks = [
+                ("PUT", "/v1/steps/rebound", {"Host": f"evil.example:{port}"}),  # DNS rebinding
+                ("PUT", "/v1/steps/crosssite", {"Origin": "http://evil.example"}),  # a cross-site fetch
+                ("GET", "/v1/healthz", {"Host": f"evil.example:{port}"}),
+            ]
+            for method, path, headers in attacks:
+                async with http.request(method, proc.url + path, headers=headers,
+                                        data=form if method == "PUT" else None) as r:
+                    assert r.status == 403, (path, headers, await r.text())
+            async with AgentClient(proc.url, None) as c:  # the executor's own calls still work
+                assert (await c.health())["status"] == "ok"
+                for step_id in ("rebound", "crosssite"):
+                    with pytest.raises(AgentError):
+                        await c.status(step_id)  # 404: never created
+    finally:
+        proc.stop()
+    async with running_agent(tmp_path / "w2", *UNCONFINED) as (_, c):  # with a token: no Origin either
+        async with aiohttp.ClientSession() as http:
+            async with http.get(c.url + "/v1/healthz", headers={"Origin": "http://evil.example",
+                                                                "Authorization": f"Bearer {TOKEN}"}) as r:
+                assert r.status == 403
+
+
+@needs_bwrap
+async def test_a_grant_of_the_root_does_not_show_the_hosts_processes(tmp_path: Path) -> None:
+    async with running_agent(tmp_path / "w", "--isolation", "bwrap", "--read", "/") as (_, c):
+        await c.put_step("procs", {"command": [SYS_PY, "-c",
+                                               "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))"]}, {})
+        await wait_terminal(c, "procs")
+        await c.download_logs("procs", tmp_path / "procs.txt")
+    pids = json.loads((tmp_path / "procs.txt").read_text().splitlines()[0])
+    # a private PID namespace: bwrap, the step and its children, not every process of the host
+    assert pids[0] == 1 and len(pids) < 10, pids

@@ -38,6 +38,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import ValidationError
 
 from . import __version__
+from mlynar_events.netaddr import is_loopback
+
 from .models import StepManifest, valid_step_id
 from .runner import StepManager, open_output
 from .sandbox import StepDir, UnsafeFile, open_regular, remove_tree
@@ -87,6 +89,19 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
     except Exception:
         log.exception("internal error handling %s %s", request.method, request.path)
         return _json_error(500, "internal error", None)
+
+
+@web.middleware
+async def door_middleware(request: web.Request, handler):
+    """Only the executor talks to an agent, never a browser: a request with an ``Origin`` is a
+    web page's (a cross-site request, or DNS rebinding) and is refused; without a token
+    (``--insecure-no-auth``, loopback only) the Host must be a loopback name too, so a page that
+    rebinds its own name to 127.0.0.1 cannot submit steps."""
+    if "Origin" in request.headers:
+        return _json_error(403, "cross-origin requests are refused", "the agent is called by the executor, not by browsers")
+    if not request.app[TOKEN] and not is_loopback(request.url.host or ""):
+        return _json_error(403, "unexpected Host", f"{request.host!r} is not a loopback name")
+    return await handler(request)
 
 
 @web.middleware
@@ -355,7 +370,7 @@ async def delete_step(request: web.Request) -> web.Response:
 
 
 def make_app(settings: AgentSettings, manager: StepManager, token: str | None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware])
+    app = web.Application(middlewares=[error_middleware, door_middleware, auth_middleware])
     app[MANAGER] = manager
     app[TOKEN] = token or ""
     app[SETTINGS] = settings

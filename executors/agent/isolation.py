@@ -323,11 +323,13 @@ class Isolation:
             elif os.path.isdir(d):
                 argv += ["--ro-bind", d, d]
                 shown.append(Path(d))
-        argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+        argv += ["--tmpfs", "/tmp"]  # before the grants: a --write /tmp grant shows the host's on purpose
         for p in self.reads:
             argv += [*_parents(p), "--ro-bind", str(p), str(p)]
         for p in self.writes:
             argv += [*_parents(p), "--bind", str(p), str(p)]
+        # after the grants: a grant of "/" must not show the host's /proc (every process) or /dev
+        argv += ["--proc", "/proc", "--dev", "/dev"]
         shown += self.reads + self.writes
         for h in self.hidden:  # the agent's own files are masked wherever a grant would show them
             if any(h.is_relative_to(s) for s in shown) and h.exists():
