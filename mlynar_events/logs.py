@@ -37,6 +37,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str)
 
 
+class ClientErrorFilter(logging.Filter):
+    """aiohttp logs a request it could not even parse (a bad request line, a header too long,
+    text that is not ASCII in the URL) as an ERROR with a traceback, although it answered 400 and
+    the fault is the client's: anyone could fill the log with them. Such a record becomes one
+    INFO line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = "malformed request answered %s: %s", (exc.code, exc.message)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -45,3 +62,6 @@ def setup(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("aiohttp.access", "nats", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientErrorFilter) for f in server.filters):
+        server.addFilter(ClientErrorFilter())
