@@ -27,7 +27,7 @@ PART_OF = ("app.kubernetes.io/part-of", "mlynar-events")
 
 EXPECTED_DEPLOYMENTS = {
     "mlynar-api": "api,projector",
-    "mlynar-solver": "solver",
+    "mlynar-solver": "solver,webhooks",
     "mlynar-executor": "executor",
     "mlynar-crd-sync": "crd-sync",
 }
