@@ -637,3 +637,14 @@ def test_dockerfile_builds_one_non_root_image_from_the_repo_root():
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     for needed in ("!pyproject.toml", "!mlynar_events/", "!api/", "!projections/", "!executors/"):
         assert needed in ignore
+
+
+def test_the_api_answers_for_the_names_in_cluster_clients_use(rendered):
+    """The door refuses a Host it does not know: both Services' names must be allowed."""
+    [api] = [d for d in rendered if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlynar-api"]
+    env = {e["name"]: e.get("value") for e in api["spec"]["template"]["spec"]["containers"][0]["env"]}
+    allowed = set(env["MLYNAR_ALLOWED_HOST"].split(","))
+    services = {d["metadata"]["name"] for d in rendered if d["kind"] == "Service" and d["metadata"]["name"].startswith("mlynar-")}
+    assert {"mlynar-api", "mlynar-service"} <= services
+    for name in services & {"mlynar-api", "mlynar-service"}:
+        assert {name, f"{name}.mlynar.svc", f"{name}.mlynar.svc.cluster.local"} <= allowed
