@@ -11,7 +11,7 @@ from .auth import auth_middleware
 from .context import CTX, ApiContext
 from .door import DOOR, Door, door_middleware
 from .errors import errors_middleware
-from .events import STREAMS, close_streams
+from .events import HUB, STREAMS, EventHub, close_streams
 from .routes import add_routes
 from .server import ApiRunner
 
@@ -25,6 +25,7 @@ def create_app(context: ApiContext) -> web.Application:
     app[CTX] = context
     app[DOOR] = Door.of(context.settings)
     app[STREAMS] = set()
+    app[HUB] = EventHub(context.store)
     app.on_shutdown.append(close_streams)  # open event streams end when the service stops
     add_routes(app)
     return app

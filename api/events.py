@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from aiohttp import web
@@ -55,9 +56,10 @@ STREAMS: web.AppKey[set[asyncio.Task]] = web.AppKey("event-streams", set)
 
 async def close_streams(app: web.Application) -> None:
     """``on_shutdown``: end every open event stream now, so stopping the service does not wait
-    for clients that never hang up (aiohttp's advice for long-lived responses)."""
+    for clients that never hang up (aiohttp's advice for long-lived responses), and stop the hub."""
     for task in list(app[STREAMS]):
         task.cancel()
+    await app[HUB].close()
 
 
 class HistoryEvent(BaseModel):
@@ -136,8 +138,124 @@ def stream_filters(runs: list[str], types: list[type]) -> list[str] | None:
     return [f"{SUBJECT_PREFIX}.run.{r}.{t.event_type}" for r in runs for t in run_types]
 
 
+_RENDERED: OrderedDict[tuple[int, str], bytes] = OrderedDict()
+RENDERED_CACHE = 4096
+"""Rendered messages kept by sequence: every subscriber of a live stream is sent the same bytes,
+so an event is rendered once per process, not once per subscriber (with 200 subscribers the
+rendering was most of the work)."""
+
+
 def _sse_message(stored: StoredEvent) -> bytes:
-    return f"id: {stored.seq}\nevent: {stored.event.event_type}\ndata: {cloudevent_json(stored)}\n\n".encode()
+    key = (stored.seq, stored.envelope.id)  # the id too: one process may follow several streams (tests)
+    message = _RENDERED.get(key)
+    if message is None:
+        message = f"id: {stored.seq}\nevent: {stored.event.event_type}\ndata: {cloudevent_json(stored)}\n\n".encode()
+        _RENDERED[key] = message
+        if len(_RENDERED) > RENDERED_CACHE:
+            _RENDERED.popitem(last=False)
+    return message
+
+
+def subject_matches(subject: str, pattern: str) -> bool:
+    """NATS subject matching: ``*`` is one token, a final ``>`` the rest."""
+    tokens, wanted = subject.split("."), pattern.split(".")
+    for i, w in enumerate(wanted):
+        if w == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (w != "*" and w != tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
+
+
+class Listener:
+    """One subscriber of the hub: the events after ``since`` that match its filters, queued."""
+
+    def __init__(self, filters: list[str], since: int, after: int) -> None:
+        self.filters = filters
+        self.since = since
+        self.after = after  # the client has everything up to here (it may be ahead of the hub)
+        self.queue: asyncio.Queue[StoredEvent | None] = asyncio.Queue(QUEUE)
+        self.overflowed = False
+
+    def offer(self, stored: StoredEvent) -> None:
+        if self.overflowed or stored.seq <= self.after or not any(subject_matches(stored.subject, f)
+                                                                  for f in self.filters):
+            return
+        try:
+            self.queue.put_nowait(stored)
+        except asyncio.QueueFull:  # a client this slow is dropped; it resumes with Last-Event-ID
+            self.overflowed = True
+            self.queue = asyncio.Queue(1)
+            self.queue.put_nowait(None)
+
+
+class EventHub:
+    """One live subscription of the whole stream per API process, fanned out to every event
+    stream: an event is read from NATS and decoded once however many clients follow it (a
+    consumer per client made NATS send, and Python decode, every event once per client)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.position = 0
+        self.listeners: set[Listener] = set()
+        self._task: asyncio.Task | None = None
+        self._ready: asyncio.Future | None = None
+
+    async def ensure_started(self) -> None:
+        if self._ready is None:
+            self._ready = asyncio.get_running_loop().create_future()
+            self._task = asyncio.ensure_future(self._follow())
+        await asyncio.shield(self._ready)
+
+    async def _follow(self) -> None:
+        assert self._ready is not None
+        try:
+            self.position = await self.store.last_seq()
+            sub = await self.store.subscribe([f"{SUBJECT_PREFIX}.>"], self.position + 1)
+        except BaseException as exc:
+            self._ready.set_exception(exc)
+            self._ready, self._task = None, None
+            raise
+        self._ready.set_result(None)
+        try:
+            async for stored in sub:
+                self.position = stored.seq
+                for listener in list(self.listeners):
+                    listener.offer(stored)
+        finally:
+            await sub.close()
+            for listener in list(self.listeners):  # their streams end; clients resume
+                listener.overflowed = True
+                with contextlib.suppress(asyncio.QueueFull):
+                    listener.queue.put_nowait(None)
+
+    def register(self, filters: list[str], after: int) -> Listener:
+        listener = Listener(filters, self.position, after)
+        self.listeners.add(listener)
+        return listener
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+
+
+HUB: web.AppKey[EventHub] = web.AppKey("event-hub", EventHub)
+HISTORY_READ = 10_000
+"""A stream that starts at most this far behind the hub reads that part with one read and then
+follows the hub; one further behind gets a consumer of its own (so a client asking for the
+whole history is streamed it, not sent a list built in memory)."""
+
+
+async def _history(store: Any, filters: list[str], after: int, upto: int) -> list[StoredEvent]:
+    """The events matching ``filters`` in ``(after, upto]``, in order."""
+    found: dict[int, StoredEvent] = {}
+    for f in filters:
+        for stored in await store.read(f, after + 1):
+            if after < stored.seq <= upto:
+                found[stored.seq] = stored
+    return [found[k] for k in sorted(found)]
 
 
 async def _stream(request: web.Request, filters: list[str] | None, after: int,
@@ -154,28 +272,50 @@ async def _stream(request: web.Request, filters: list[str] | None, after: int,
         await resp.write(b": nothing can match these filters\n\n")
         await resp.write_eof()
         return resp
-    queue: asyncio.Queue[StoredEvent] = asyncio.Queue(QUEUE)
-    sub = await c.store.subscribe(filters, after + 1)
+    hub = request.app[HUB]
+    await hub.ensure_started()
+    listener: Listener | None = None
+    sub = None
+    reader: asyncio.Task | None = None
+    if hub.position - after <= HISTORY_READ:
+        listener = hub.register(filters, after)
+        backlog = await _history(c.store, filters, after, listener.since) if after < listener.since else []
+        queue = listener.queue
+    else:  # far behind: a consumer of its own from there on
+        backlog = []
+        queue = asyncio.Queue(QUEUE)
+        sub = await c.store.subscribe(filters, after + 1)
 
-    async def pump() -> None:
-        async for stored in sub:
-            await queue.put(stored)
+        async def pump() -> None:
+            async for stored in sub:
+                await queue.put(stored)
 
-    reader = asyncio.ensure_future(pump())
+        reader = asyncio.ensure_future(pump())
     heartbeat = c.settings.sse_heartbeat
     loop = asyncio.get_running_loop()
     streams = request.app[STREAMS]
     me = asyncio.current_task()
     assert me is not None
     streams.add(me)
+
+    async def send(stored: StoredEvent) -> bool:
+        """Write one event; True when the run's stream is over."""
+        await resp.write(_sse_message(stored))
+        return run_id is not None and isinstance(stored.event, FINAL) and queue.empty() \
+            and (await c.runs.get(run_id)).version <= stored.seq
+
     try:
         await resp.write(b"retry: 1000\n: connected\n\n")
+        done = False
+        for stored in backlog:
+            if done := await send(stored):
+                break
         quiet_since = loop.time()
-        while True:
+        while not done:
             try:
-                stored = await asyncio.wait_for(queue.get(), min(heartbeat, DISCONNECT_CHECK))
+                item = await asyncio.wait_for(queue.get(), min(heartbeat, DISCONNECT_CHECK))
             except asyncio.TimeoutError:
-                if reader.done():
+                if reader is not None and reader.done():
                     reader.result()  # the subscription ended: say why (logged below)
                     break
                 if request.transport is None or request.transport.is_closing():
@@ -185,20 +325,24 @@ async def _stream(request: web.Request, filters: list[str] | None, after: int,
                     await resp.write(b": heartbeat\n\n")
                     quiet_since = loop.time()
                 continue
-            await resp.write(_sse_message(stored))
-            quiet_since = loop.time()
-            if run_id is not None and isinstance(stored.event, FINAL) and queue.empty() \
-                    and (await c.runs.get(run_id)).version <= stored.seq:
+            if item is None:  # too slow for the hub, or the hub stopped: the client resumes
+                log.info("event stream ended: the client fell behind", extra={"run_id": run_id})
                 break
+            done = await send(item)
+            quiet_since = loop.time()
     except (ConnectionResetError, asyncio.CancelledError):
         # the client went away (or the service stops, :func:`close_streams`): not an error
         log.debug("event stream closed", extra={"run_id": run_id})
     finally:
         streams.discard(me)
-        reader.cancel()
-        with contextlib.suppress(BaseException):
-            await reader
-        await sub.close()
+        if listener is not None:
+            hub.listeners.discard(listener)
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
+        if sub is not None:
+            await sub.close()
     with contextlib.suppress(ConnectionResetError):
         await resp.write_eof()
     return resp

@@ -235,3 +235,18 @@ async def test_a_closed_stream_ends_its_handler_and_stopping_ends_open_ones(make
     while (m := await sse.next()) is not None:  # the server ends the stream: the rest arrives, then EOF
         pass
     resp.close()
+
+
+async def test_many_live_subscribers_each_get_every_event_once(api: Api) -> None:
+    """They share one subscription of the stream (the hub): each still sees exactly the stream."""
+    head = await api.service.store.last_seq()
+    streams = [await open_stream(api, f"/api/events?after={head}") for _ in range(5)]
+    ahead = await open_stream(api, f"/api/events?after={head + 3}")  # resuming past some
+    run_id = await finished_run(api)
+    expected = [e.seq for e in await api.service.store.read(f"{SUBJECT_PREFIX}.>", head + 1)]
+    for n, (resp, sse) in enumerate(streams + [ahead]):
+        want = expected if n < len(streams) else [s for s in expected if s > head + 3]
+        got = [int(m["id"]) for m in await sse.take(len(want))]
+        assert got == want
+        resp.close()
+    assert run_id
