@@ -167,6 +167,9 @@ class ExecutorSettings(SettingsGroup):
     FLAG_PREFIX: ClassVar[str] = "executor_"
     concurrency: int
     ack_wait: float
+    infra_retries: int
+    outcome_retry_for: float
+    update_consumer: bool
 
 
 class LocalMachineSettings(SettingsGroup):
@@ -268,6 +271,9 @@ class ServeSettings(BaseModel):
     max_steps_per_run: int = Field(10_000, description="a run that would schedule more steps is terminated")
     executor_concurrency: int = Field(16, description="steps one executor process runs at once")
     executor_ack_wait: float = Field(30.0, description="seconds without a heartbeat before a step of a dead executor is redelivered")
+    executor_infra_retries: int = Field(3, ge=0, description="attempts lost to the infrastructure (agent gone or restarted, blob store failing) retried beyond the operator's own retries")
+    executor_outcome_retry_for: float = Field(60.0, gt=0, description="seconds storing an attempt's outputs is retried (a full or read-only blob disk) before the attempt counts as lost")
+    executor_update_consumer: bool = Field(False, description="make the shared step consumer take this executor's --executor-ack-wait (otherwise the existing consumer's is used, with a warning)")
     local_machine: bool = Field(True, description="start the built-in agent registered as machine 'local'")
     local_isolation: Literal["auto", "bwrap", "none"] = Field("none", description="how the built-in machine isolates its steps: bwrap (a private view of the filesystem, see docs/AGENT.md), auto (bwrap if it works here), none")
     local_run_as_user: str = Field("", description="when serve runs as root, the built-in machine's steps run as this user ('' = as the service's user)")

@@ -301,7 +301,8 @@ class Service:
             backends["kubernetes"] = kube
         e = self.settings.executor
         worker = StepWorker(store, blobs, backends, concurrency=e.concurrency, ack_wait=e.ack_wait,
-                            workdir=self.settings.data_dir / "executor")
+                            infra_retries=e.infra_retries, outcome_retry_for=e.outcome_retry_for,
+                            update_consumer=e.update_consumer, workdir=self.settings.data_dir / "executor")
         await self._host("executor", worker)
 
     async def _kubernetes_backend(self, store: EventStore, blobs: FileBlobStore, secrets: SecretStore) -> Any:
