@@ -76,7 +76,13 @@ class MachineDirectory:
 
 class MachineBackend:
     def __init__(self, directory: MachineDirectory, secrets: SecretStore, blobs: BlobStore,
-                 *, connect_timeout: float = 10.0, read_timeout: float = 60.0) -> None:
+                 *, connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                 hosted: dict[str, Machine] | None = None) -> None:
+        """``hosted``: machines this process runs itself (the built-in ``local``). Their steps go
+        to this process's own agent whatever the registry says: every replica registers its own
+        ``local``, and the last one to start must not receive (and, when it dies, lose) the
+        steps of all the others."""
+        self.hosted = dict(hosted or {})
         self.directory = directory
         self.secrets = secrets
         self.blobs = blobs
@@ -102,7 +108,7 @@ class MachineBackend:
         return self._session
 
     async def _client(self, name: str) -> tuple[Machine | None, AgentClient | None]:
-        machine = await self.directory.get(name)
+        machine = self.hosted.get(name) or await self.directory.get(name)
         if machine is None:
             return None, None
         token = await self.secrets.get(machine.token_ref) if machine.token_ref else None

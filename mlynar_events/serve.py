@@ -156,6 +156,7 @@ class Service:
         self.failed = asyncio.Event()
         self.failure: str | None = None  # why, once ``failed`` is set
         self._stack = contextlib.AsyncExitStack()
+        self._local: tuple[str, str] | None = None  # (url, token ref) of the built-in agent
 
     async def __aenter__(self) -> "Service":
         await self.start()
@@ -251,6 +252,7 @@ class Service:
                                                 **self.settings.local.agent_values()))
         self._on_stop(agent.stop)
         ref = secret_ref(machine_token_key(LOCAL_MACHINE))
+        self._local = (agent.url, ref)  # this process's executor sends `local` steps here, always
         registry = await store.read(key_filter("machine", LOCAL_MACHINE))
         current = registry[-1].event if registry else None
         if not isinstance(current, MachineRegistered) or current.url != agent.url or current.token_ref != ref:
@@ -288,12 +290,13 @@ class Service:
         self.api_url = f"http://{s.host}:{port}"
 
     async def _start_executor(self, store: EventStore, blobs: FileBlobStore, secrets: SecretStore) -> None:
-        from executors.machine import MachineBackend, MachineDirectory
+        from executors.machine import Machine, MachineBackend, MachineDirectory
         from executors.worker import StepWorker
 
         directory = MachineDirectory(store)
         await self._host("machines", directory)
-        machines = MachineBackend(directory, secrets, blobs)
+        hosted = {LOCAL_MACHINE: Machine(LOCAL_MACHINE, *self._local)} if self._local else {}
+        machines = MachineBackend(directory, secrets, blobs, hosted=hosted)
         self._on_stop(machines.close)
         backends: dict[str, Any] = {"machine": machines}
         kube = await self._kubernetes_backend(store, blobs, secrets)
