@@ -26,7 +26,7 @@ from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdat
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore
 
-from .agent.models import TERMINAL_STATES, StepStatus
+from .agent.models import StepStatus
 from .backend import Attempt, AttemptResult, Output
 from .machine_client import AgentClient, AgentError
 
@@ -155,8 +155,7 @@ class MachineBackend:
             await _gone(client, self.external_id(step, a.attempt - 1))
         status = await self._start_or_attach(client, a)
         if not status.terminal:
-            answer = await self._wait(client, sid, a)
-            status = None if answer is None else StepStatus.model_validate(answer)
+            status = await self._wait(client, sid, a)
         logs = a.workdir / "logs.txt"
         try:
             await _with_retries(lambda: client.download_logs(sid, logs))
@@ -209,8 +208,8 @@ class MachineBackend:
                     return again
             raise
 
-    async def _wait(self, client: AgentClient, sid: str, a: Attempt) -> dict | None:
-        """Long-poll the agent until the step ends; ``None`` if cancelled meanwhile."""
+    async def _wait(self, client: AgentClient, sid: str, a: Attempt) -> StepStatus | None:
+        """Long-poll the agent until the step ends (its typed status); ``None`` if cancelled meanwhile."""
         while True:
             poll = asyncio.ensure_future(_with_retries(lambda: client.status(sid, wait=WAIT)))
             cancel = asyncio.ensure_future(a.cancelled.wait())
@@ -219,8 +218,8 @@ class MachineBackend:
                 poll.cancel()
                 return None
             cancel.cancel()
-            status = poll.result()
-            if status["state"] in TERMINAL_STATES:
+            status = StepStatus.model_validate(poll.result())
+            if status.terminal:
                 return status
 
 
