@@ -26,8 +26,12 @@ from typing import Callable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.js import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, KeyDeletedError, NoKeysError
+from nats.js.errors import BadRequestError, BucketNotFoundError, KeyNotFoundError, KeyDeletedError, NoKeysError
 from nats.js.kv import KeyValue
+
+from .store import retrying
+
+OPEN_RETRY_FOR = 30.0
 
 log = logging.getLogger("mlynar.secrets")
 
@@ -143,10 +147,18 @@ class SecretStore:
 
     @classmethod
     async def open(cls, js: JetStreamContext, replicas: int = 1, cipher: SecretCipher | None = None) -> "SecretStore":
-        try:
-            kv = await js.key_value(BUCKET)
-        except BucketNotFoundError:
-            kv = await js.create_key_value(bucket=BUCKET, history=1, replicas=replicas, description="mlynar secrets")
+        async def bucket() -> KeyValue:
+            try:
+                return await js.key_value(BUCKET)
+            except BucketNotFoundError:
+                pass
+            try:
+                return await js.create_key_value(bucket=BUCKET, history=1, replicas=replicas, description="mlynar secrets")
+            except BadRequestError:  # another replica created it meanwhile
+                return await js.key_value(BUCKET)
+
+        # a cluster just started (or electing a leader) answers timeouts and 503s for a while
+        kv = await retrying(bucket, "open the secrets bucket", OPEN_RETRY_FOR)
         store = cls(kv, cipher)
         if cipher is not None:
             await store.encrypt_plaintext()  # and checks the key opens what is sealed
