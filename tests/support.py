@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -26,6 +27,18 @@ async def wait_until(predicate: Callable[[], Awaitable[Any]], timeout: float = 2
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+def json_records(text: str) -> list[dict[str, Any]]:
+    """The JSON log records (``--log-format json``) in a process's output, other lines skipped."""
+    out = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
 
 
 def service_settings(tmp_path: Path, nats_url: str | None, **overrides: Any) -> ServeSettings:

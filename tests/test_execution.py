@@ -12,7 +12,6 @@ step may finish; every wait is a wait on a condition with a timeout.
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
@@ -27,7 +26,7 @@ from mlynar_events.events import (
     RunTerminated, RunTerminationRequested, StepAttemptFailed, StepFailed, StepScheduled, StepSucceeded,
     StepCancelled,
 )
-from support import REPO, Api, wait_until
+from support import Api, REPO, json_records, wait_until
 
 KIND = "number-array-json"
 
@@ -440,14 +439,7 @@ class Proc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def json_lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.text().splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
+        return json_records(self.text())
 
     async def wait_log(self, predicate: Any, what: str, timeout: float = 20.0) -> Any:
         async def check() -> Any:

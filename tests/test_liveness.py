@@ -6,7 +6,6 @@ honours SIGTERM and gives up after ``--nats-connect-timeout``."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from mlynar_events.nats_server import MAX_RESTARTS, EmbeddedNats, free_port
 from mlynar_events.serve import Service
 
 from agent_helpers import clean_env
-from support import EXAMPLES, REPO, service_settings, wait_until
+from support import EXAMPLES, REPO, json_records, service_settings, wait_until
 
 MLYNAR = [str(Path(sys.executable).parent / "mlynar")] if (Path(sys.executable).parent / "mlynar").exists() \
     else [sys.executable, "-m", "mlynar_events.cli"]
@@ -43,14 +42,7 @@ class Serve:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.text().splitlines():
-            if line.startswith("{"):
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    pass
-        return out
+        return json_records(self.text())
 
     def messages(self, message: str) -> list[dict[str, Any]]:
         return [r for r in self.records() if r.get("message") == message]
