@@ -17,11 +17,16 @@ from pydantic import ValidationError
 from mlynar_events.errors import CommandError
 from mlynar_events.specs import SpecError, validation_detail
 
+from .models import ErrorBody
+
 log = logging.getLogger("mlynar.api")
 
 
 def error(status: int, message: str, detail: Any = None) -> web.Response:
-    return web.json_response({"error": message, "detail": detail}, status=status)
+    """The one error body: ours (``error``, ``detail``) and the original Mlynar's (NestJS:
+    ``statusCode``, ``message``), so clients of either read it."""
+    return web.json_response(ErrorBody(error=message, detail=detail, statusCode=status, message=message)
+                             .model_dump(mode="json"), status=status)
 
 
 class BadRequest(CommandError):

@@ -40,6 +40,8 @@ class Model(BaseModel):
 class ErrorBody(Model):
     error: str
     detail: Any = None
+    statusCode: int | None = Field(None, description="the HTTP status again (the original Mlynar's NestJS field)")
+    message: str | None = Field(None, description="the same as error (the original Mlynar's NestJS field)")
 
 
 class DataUnitOut(Model):

@@ -11,12 +11,12 @@ closes it, so slow or idle clients cannot use up the process's file descriptors.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 
 from aiohttp import web
 
 from .context import CTX
+from .models import ErrorBody
 
 log = logging.getLogger("mlynar.api.server")
 LINGERING_TIME = 5.0
@@ -24,7 +24,8 @@ LINGERING_TIME = 5.0
 
 
 def _busy_response() -> bytes:
-    body = json.dumps({"error": "too many open connections; try again later", "detail": None}).encode()
+    message = "too many open connections; try again later"
+    body = ErrorBody(error=message, statusCode=503, message=message).model_dump_json().encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             b"Connection: close\r\nRetry-After: 1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
 

@@ -67,3 +67,11 @@ async def test_params_leave_out_operators_without_parameters(api: Api, tmp_path)
     assert (await api.upload(run_id, KIND, b"[1]"))[0] == 201
     status, params = await api.call("GET", f"/api/run/{run_id}/params")
     assert status == 200 and "plain" not in params and "sum" in params
+
+
+async def test_errors_carry_the_originals_fields_too(api: Api) -> None:
+    status, body = await api.call("GET", "/api/run/6f7c0f36-5f3e-4a8b-9d2c-1a2b3c4d5e6f")
+    assert status == 404
+    assert body["statusCode"] == 404 and body["message"] == body["error"] and "does not exist" in body["error"]
+    status, body = await api.call("POST", "/api/operators", json={"kind": "Operator"})
+    assert status == 400 and body["statusCode"] == 400 and body["detail"] is not None
