@@ -6,6 +6,7 @@ never a way to report bad input)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -31,6 +32,14 @@ def error(status: int, message: str, detail: Any = None) -> web.Response:
 
 class BadRequest(CommandError):
     status = 400
+
+
+STORAGE_ERRORS: dict[int, tuple[int, str]] = {
+    errno.ENOSPC: (507, "no space left to store the data"),
+    errno.EDQUOT: (507, "the data store's quota is exhausted"),
+    errno.EROFS: (503, "the data store is read-only"),
+}
+"""Disk errors while storing a request's data, answered as what they are (not a 500)."""
 
 
 @web.middleware
@@ -63,6 +72,15 @@ async def errors_middleware(request: web.Request, handler):  # type: ignore[no-u
         # quietly (re-raising would make aiohttp log a 500 with a traceback)
         log.info("client disconnected", extra={"method": request.method, "path": request.path})
         return error(400, "the client disconnected before its request was complete", None)
+    except OSError as exc:
+        answer = STORAGE_ERRORS.get(exc.errno or 0)
+        if answer is None:
+            log.exception("unhandled error", extra={"method": request.method, "path": request.path})
+            return error(500, "internal error", None)
+        # the disk the data goes to, not the request: said as such; nothing was recorded (the
+        # partial file is removed and no event points at it)
+        log.error("storage refused a write: %s", exc.strerror, extra={"method": request.method, "path": request.path})
+        return error(answer[0], answer[1], {"errno": errno.errorcode.get(exc.errno or 0), "reason": exc.strerror})
     except Exception:
         log.exception("unhandled error", extra={"method": request.method, "path": request.path})
         return error(500, "internal error", None)
