@@ -165,21 +165,6 @@ async def cluster_store(cluster_stores: Callable[..., Awaitable[EventStore]]) ->
 # ---- a small disk of its own ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> AsyncIterator[Path]:
-    """A 2 MiB tmpfs mounted for the test (we run as root in CI): a real disk that fills up."""
-    mount_point = tmp_path / "small-disk"
-    mount_point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def fill(disk: Path) -> Path:
     """Fill ``disk`` to the last byte with one file (delete it to free the space again)."""
     filler = disk / "filler"
