@@ -12,7 +12,7 @@ from typing import AsyncIterator
 import pytest
 from aiohttp import web
 
-from support import Api
+from support import Api, serving
 
 KIND = "number-array-json"
 SECRET = b"INTERNAL-ONLY-SECRET"
@@ -29,15 +29,8 @@ async def internal() -> AsyncIterator[tuple[str, list[str]]]:
 
     app = web.Application()
     app.router.add_get("/internal-secret", secret)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/internal-secret", hits
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base:
+        yield f"{base}/internal-secret", hits
 
 
 @pytest.fixture
@@ -75,14 +68,8 @@ async def hostile_agent(internal: tuple[str, list[str]]) -> AsyncIterator[str]:
     app.router.add_delete("/v1/steps/{id}", delete)
     app.router.add_get("/v1/steps/{id}/outputs/{n}", redirect)
     app.router.add_get("/v1/steps/{id}/logs", redirect)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+    async with serving(app) as base:
+        yield base
 
 
 async def test_an_agents_redirect_is_not_followed(api: Api, hostile_agent: str, internal) -> None:
