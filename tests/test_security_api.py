@@ -40,6 +40,19 @@ class Snapshot:
     secrets: tuple[str, ...]
 
 
+async def secret_keys(service: Service) -> tuple[str, ...]:
+    """The live keys of the secrets bucket, read from the stream's own per-subject state (not a
+    KV watcher, whose "no more entries" marker can come before the entries under load)."""
+    stream, prefix = f"KV_{BUCKET}", f"$KV.{BUCKET}."
+    info = await service.store.js.stream_info(stream, subjects_filter=prefix + ">")
+    live = []
+    for subject in (info.state.subjects or {}):
+        last = await service.store.js.get_last_msg(stream, subject)
+        if (last.headers or {}).get("KV-Operation") not in {"DEL", "PURGE"}:
+            live.append(subject.removeprefix(prefix))
+    return tuple(sorted(live))
+
+
 async def snapshot(api: Api, headers: dict[str, str] | None = None) -> Snapshot:
     service = api.service
     head = await service.store.last_seq()
@@ -51,11 +64,7 @@ async def snapshot(api: Api, headers: dict[str, str] | None = None) -> Snapshot:
     await wait_until(caught_up, what="the projection to reach the stream head")
     root = service.settings.resolved_blob_dir
     paths = [p for p in root.rglob("*") if ".tmp" not in p.relative_to(root).parts]
-    try:
-        kv = await service.store.js.key_value(BUCKET)
-        keys = tuple(sorted(await kv.keys()))
-    except Exception:  # nats-py raises NoKeysError on an empty bucket
-        keys = ()
+    keys = await secret_keys(service)
     _, runs = await api.call("GET", "/api/runs?limit=1000", headers=headers)
     _, ops = await api.call("GET", "/api/operators", headers=headers)
     _, machines = await api.call("GET", "/api/machines", headers=headers)
