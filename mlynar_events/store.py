@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
@@ -34,6 +35,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
+from . import metrics
 from .events import STREAM, SUBJECT_PREFIX, Envelope, Event, StoredEvent, UnknownEventType, key_filter
 
 log = logging.getLogger("mlynar.store")
@@ -215,16 +217,23 @@ class EventStore:
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = \
                 f"{SUBJECT_PREFIX}.{event.aggregate}.{event.key()}.{unless.event_type}"
         data = env.to_bytes()
+        started = time.monotonic()
         try:
             # A retry carries the same Nats-Msg-Id, so one that follows a lost answer (a timeout)
             # or another appender of the same fact (10158, in process elsewhere) is answered with
             # the stored message's sequence as a duplicate: the other appender won.
             ack = await retrying(lambda: self.js.publish(subject, data, headers=headers),
                                  f"append {subject}", self.retry_for)
-        except APIError as exc:
-            if exc.err_code == WRONG_LAST_SEQUENCE:
-                raise ConcurrencyConflict(subject, expected_seq or 0, exc.description or "") from None
+        except Exception as exc:
+            conflict = isinstance(exc, APIError) and exc.err_code == WRONG_LAST_SEQUENCE
+            error = "conflict" if conflict else "unavailable" if is_transient(exc) else "refused"
+            metrics.EVENT_APPEND_ERRORS.labels(event.event_type, error).inc()
+            if conflict:
+                raise ConcurrencyConflict(subject, expected_seq or 0, exc.description or "") from None  # type: ignore[union-attr]
             raise
+        finally:
+            metrics.EVENT_APPEND_DURATION.observe(time.monotonic() - started)
+        (metrics.EVENT_DUPLICATES if ack.duplicate else metrics.EVENTS_APPENDED).labels(event.event_type).inc()
         return Appended(seq=ack.seq, duplicate=bool(ack.duplicate))
 
     # ---- reading ----------------------------------------------------------------------------
