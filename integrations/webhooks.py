@@ -46,6 +46,7 @@ from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 from nats.js.kv import KeyValue
 
+from mlynar_events import metrics
 from mlynar_events.cloudevents import CONTENT_TYPE, cloudevent_json
 from mlynar_events.config import WebhookSettings
 from mlynar_events.events import (
@@ -302,6 +303,7 @@ class WebhookDispatcher:
         body = cloudevent_json(stored).encode()
         status: int | None = None
         error: str | None = None
+        outcome = "unreachable"  # the metric's label (mlynar_webhook_deliveries_total)
         start = time.monotonic()
         try:
             secrets = [await self._secret(ref) for ref in hook.signing_refs(datetime.now(timezone.utc))]
@@ -317,13 +319,15 @@ class WebhookDispatcher:
                 status = resp.status
             if not 200 <= status < 300:
                 error = f"HTTP {status}"
-        except WebhookRuleError as exc:
-            error = str(exc)
-        except SecretMissing as exc:
-            error = str(exc)
+        except (WebhookRuleError, SecretMissing) as exc:
+            error, outcome = str(exc), "refused"
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             error = _describe(exc, self.settings.timeout)
         latency = (time.monotonic() - start) * 1000
+        if error is None or status is not None:
+            outcome = "delivered" if error is None else "http_error"
+        metrics.WEBHOOK_DELIVERIES.labels(outcome).inc()
+        metrics.WEBHOOK_DELIVERY_DURATION.labels(outcome).observe(latency / 1000)
         if error is None:
             log.debug("webhook delivered", extra={**context, "status": status, "latency_ms": round(latency, 1)})
         else:
@@ -358,7 +362,9 @@ class WebhookDispatcher:
         tries = 0
         while True:
             try:
-                await self.store.append(event, actor=ACTOR, msg_id=msg_id)
+                ack = await self.store.append(event, actor=ACTOR, msg_id=msg_id)
+                if not ack.duplicate:
+                    metrics.WEBHOOKS_DISABLED.inc()
                 break
             except Exception:  # noqa: BLE001 - NATS unreachable: keep holding the event and try again
                 tries += 1
