@@ -234,8 +234,17 @@ class WebhookSettings(SettingsGroup):
     ack_wait: float
 
 
+class MetricsSettings(SettingsGroup):
+    """Where a process serves its Prometheus metrics besides the API's own ``/metrics``
+    (``--metrics-*``; for processes without the API role): port 0 = not served."""
+
+    FLAG_PREFIX: ClassVar[str] = "metrics_"
+    host: str
+    port: int
+
+
 GROUPS: tuple[type[SettingsGroup], ...] = (StoreSettings, ApiSettings, SolverSettings, ExecutorSettings, LocalMachineSettings, KubeSettings,
-                                           WebhookSettings)
+                                           WebhookSettings, MetricsSettings)
 
 PROCESS_FIELDS = frozenset({"data_dir", "registry", "roles", "blob_dir", "db_path", "local_machine", "log_level", "log_format"})
 """Serve fields that belong to the process wiring itself (``serve.py``), not to one role."""
@@ -245,7 +254,8 @@ class ServeSettings(BaseModel):
     """Settings of ``mlynar serve``. Every field is a flag and a variable (``--max-parallel``,
     ``MLYNAR_MAX_PARALLEL``), derived from the field by :func:`add_serve_flags`: its annotation
     gives the flag's type, its ``description`` the help. Roles are given one group each
-    (:attr:`api`, :attr:`store`, :attr:`solver`, :attr:`executor`, :attr:`kube`, :attr:`webhook`)."""
+    (:attr:`api`, :attr:`store`, :attr:`solver`, :attr:`executor`, :attr:`kube`, :attr:`webhook`,
+    :attr:`metrics`)."""
 
     data_dir: Path = Field(Path(".mlynar"), description="where JetStream data, blobs, the projection database and secrets live")
     nats_url: str | None = Field(None, description="use this NATS server (or comma-separated servers of a cluster) instead of starting the embedded one")
@@ -306,6 +316,9 @@ class ServeSettings(BaseModel):
     webhook_timeout: float = Field(10.0, description="seconds one webhook POST may take")
     webhook_ack_wait: float = Field(30.0, description="seconds without a heartbeat before a delivery held by a dead dispatcher is taken over")
     webhook_rotation_grace: float = Field(86400.0, description="seconds the previous webhook secret still signs after a rotation")
+    # metrics (docs/METRICS.md)
+    metrics_host: str = Field("127.0.0.1", description="address --metrics-port listens on")
+    metrics_port: int = Field(0, ge=0, le=65535, description="serve this process's Prometheus metrics at /metrics on this port, without authentication (for processes without the API, which has its own /metrics); 0: off")
     # Kubernetes executor
     kube_namespace: str = Field("default", description="namespace of step Jobs and watched CRDs")
     kube_config: Path | None = Field(None, description="kubeconfig file for the Kubernetes executor")
@@ -345,6 +358,10 @@ class ServeSettings(BaseModel):
     @property
     def webhook(self) -> WebhookSettings:
         return WebhookSettings.of(self)
+
+    @property
+    def metrics(self) -> MetricsSettings:
+        return MetricsSettings.of(self)
 
     @property
     def resolved_blob_dir(self) -> Path:
