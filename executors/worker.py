@@ -49,6 +49,7 @@ from mlynar_events.store import EventStore, decode, is_transient, retrying
 from mlynar_events.tasks import cancel_and_wait
 
 from .backend import Attempt, AttemptResult, Backend
+from .metrics import StepMetrics
 
 log = logging.getLogger("mlynar.executor")
 T = TypeVar("T")
@@ -106,6 +107,7 @@ class StepWorker:
         self._tasks: set[asyncio.Task] = set()
         self._handling: dict[str, asyncio.Event] = {}  # step_id -> set when its handler ends
         self._runs = RunStateCache(store)
+        self.metrics = StepMetrics(self.running)  # the mlynar_steps_* metrics (executors/metrics.py)
 
     # ---- consumer ---------------------------------------------------------------------------
 
@@ -247,9 +249,11 @@ class StepWorker:
         while (busy := self._handling.get(step.step_id)) is not None:
             await busy.wait()
         done = self._handling[step.step_id] = asyncio.Event()
+        self.metrics.track(step)
         try:
             await self.execute(step)
         finally:
+            self.metrics.forget(step.step_id)
             del self._handling[step.step_id]
             done.set()
 
@@ -257,7 +261,8 @@ class StepWorker:
         return await self._runs.get(run_id)
 
     async def _append(self, event: Event, msg_id: str) -> None:
-        await self.store.append(event, actor=self.name, msg_id=msg_id)
+        ack = await self.store.append(event, actor=self.name, msg_id=msg_id)
+        self.metrics.appended(event, ack.duplicate)
 
     async def execute(self, step: StepScheduled) -> None:
         state = await self._run_state(step.run_id)
