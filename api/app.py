@@ -1,7 +1,8 @@
 """The aiohttp application: middlewares, routes, shared state. Nothing here runs a role.
 
-Middlewares, outermost first: errors (every failure becomes a JSON 4xx), the door (same-origin
-only, ``api/door.py``), auth (the route's credential, ``api/auth.py``)."""
+Middlewares, outermost first: metrics (each request's duration by route template,
+``api/metrics.py``), errors (every failure becomes a JSON 4xx), the door (same-origin only,
+``api/door.py``), auth (the route's credential, ``api/auth.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from .context import CTX, ApiContext
 from .door import DOOR, Door, door_middleware
 from .errors import errors_middleware
 from .events import HUB, STREAMS, EventHub, close_streams
+from .metrics import metrics_middleware
 from .routes import add_routes
 from .server import ApiRunner
 
@@ -20,7 +22,7 @@ __all__ = ["ApiRunner", "create_app"]
 
 def create_app(context: ApiContext) -> web.Application:
     # uploads are streamed with their own limit; client_max_size only bounds bodies read whole
-    app = web.Application(middlewares=[errors_middleware, door_middleware, auth_middleware],
+    app = web.Application(middlewares=[metrics_middleware, errors_middleware, door_middleware, auth_middleware],
                           client_max_size=context.settings.max_json_bytes)
     app[CTX] = context
     app[DOOR] = Door.of(context.settings)
