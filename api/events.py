@@ -40,6 +40,7 @@ from projections.history import run_body_at
 
 from .context import ctx
 from .errors import BadRequest
+from .principal import event_visibility, route_run
 from .render import base_url
 
 log = logging.getLogger("mlynar.api.events")
@@ -298,9 +299,12 @@ async def _stream(request: web.Request, filters: list[str] | None, after: int,
     assert me is not None
     streams.add(me)
 
+    visible = event_visibility(request)
+
     async def send(stored: StoredEvent) -> bool:
-        """Write one event; True when the run's stream is over."""
-        await resp.write(_sse_message(stored))
+        """Write one event (if the caller may see it); True when the run's stream is over."""
+        if visible is None or await visible(stored):
+            await resp.write(_sse_message(stored))
         return run_id is not None and isinstance(stored.event, FINAL) and queue.empty() \
             and (await c.runs.get(run_id)).version <= stored.seq
 
@@ -358,15 +362,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     return await _stream(request, stream_filters(runs, types), _position(request))
 
 
-def route_run(request: web.Request) -> str:
-    try:
-        return str(uuid.UUID(request.match_info["run_id"]))
-    except ValueError:
-        raise NotFound(f"run {request.match_info['run_id']!r} does not exist") from None
-
-
 async def run_events(request: web.Request) -> web.StreamResponse:
-    run_id = route_run(request)
+    run_id = await route_run(request)
     if not _wants_sse(request):
         return await history(request)
     types = _types(request.query.getall("type", []))
@@ -379,7 +376,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
 async def history(request: web.Request) -> web.Response:
     """The run's events in order, as the audit trail: who (``actor``) did what, when."""
     c = ctx(request)
-    run_id = route_run(request)
+    run_id = await route_run(request)
     after = _position(request)
     limit = _int_query(request, "limit", 1000, 1, 10_000)
     events = [e for e in await c.store.read(key_filter("run", run_id), after + 1) if e.seq > after]
@@ -399,7 +396,7 @@ async def run_at(request: web.Request) -> web.Response:
     """``GET /api/run/{id}?at=<seq>``: the run as it was right after event ``seq``, folded from
     the history (:func:`projections.history.run_body_at`), in the live view's shape."""
     c = ctx(request)
-    run_id = route_run(request)
+    run_id = await route_run(request)
     head = await c.store.last_seq()
     at = _int_query(request, "at", head, 1, max(head, 1))
     body = await run_body_at(c.store, run_id, at, base_url(request, c))

@@ -10,16 +10,16 @@ from mlynar_events.errors import NotFound
 from mlynar_events.lineage import lineage, provenance
 
 from .context import ctx
-from .events import route_run
+from .principal import route_run
 
 
 async def get_lineage(request: web.Request) -> web.Response:
-    state = await commands.load_run(ctx(request).runs, route_run(request))
+    state = await commands.load_run(ctx(request).runs, await route_run(request))
     return web.json_response(lineage(state).model_dump(mode="json"))
 
 
 async def get_provenance(request: web.Request) -> web.Response:
-    state = await commands.load_run(ctx(request).runs, route_run(request))
+    state = await commands.load_run(ctx(request).runs, await route_run(request))
     unit_id = request.match_info["unit_id"]
     found = provenance(state, unit_id)
     if found is None:

@@ -2,7 +2,11 @@
 ``hasToken``. ``check`` calls the agent's health endpoint with the stored token and answers only
 the status, the latency and a fixed message, never the remote body. A stored token is only ever
 sent to the URL it was given for: changing the URL needs the token again (or ``"token": null``
-to drop it)."""
+to drop it).
+
+A machine belongs to the principal that registered it; a member may change, delete, check and
+share (``sharedWith``) only its own, an admin any. Whose runs may use it is the executor's check
+(:func:`mlynar_events.principals.may_use_machine`)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from mlynar_events.errors import Conflict, NotFound
+from mlynar_events.errors import Conflict, Forbidden, NotFound
 from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdated
 from mlynar_events.names import is_dns1123_label
 from mlynar_events.secrets import machine_token_key, secret_ref
@@ -21,6 +25,7 @@ from projections import queries
 from .context import ctx
 from .errors import BadRequest, json_body
 from .models import MachineCheck, MachineIn, MachineOut, MachineUpdate
+from .principal import actor, principal
 
 
 async def _machine(request: web.Request) -> dict:
@@ -28,6 +33,16 @@ async def _machine(request: web.Request) -> dict:
     found = await queries.get_machine(ctx(request).db, name) if is_dns1123_label(name) else None
     if found is None:
         raise NotFound(f"machine {name!r} does not exist")
+    return found
+
+
+async def _own_machine(request: web.Request) -> dict:
+    """The route's machine, if the caller may change it (its owner, or an admin): else 403."""
+    found = await _machine(request)
+    who = principal(request)
+    if not who.owns(found["owner"]):
+        raise Forbidden(f"machine {found['name']!r} belongs to {found['owner']!r}; only its owner or an admin "
+                        "may change, check or delete it", {"owner": found["owner"], "principal": who.name})
     return found
 
 
@@ -47,8 +62,9 @@ async def register_machine(request: web.Request) -> web.Response:
     token_ref = await c.secrets.put(machine_token_key(body.name), body.token) if body.token else None
     try:
         ack = await c.store.append(
-            MachineRegistered(name=body.name, url=body.url, labels=body.labels, token_ref=token_ref),
-            actor=f"api:{request.remote}", expected_seq=0,
+            MachineRegistered(name=body.name, url=body.url, labels=body.labels, token_ref=token_ref,
+                              owner=actor(request), shared_with=sorted(set(body.sharedWith))),
+            actor=actor(request), expected_seq=0,
         )
     except ConcurrencyConflict:
         raise Conflict(f"machine {body.name!r} already exists") from None
@@ -62,7 +78,7 @@ async def register_machine(request: web.Request) -> web.Response:
 
 async def update_machine(request: web.Request) -> web.Response:
     c = ctx(request)
-    current = await _machine(request)
+    current = await _own_machine(request)
     body = MachineUpdate.model_validate(await json_body(request))
     name = current["name"]
     url = body.url or current["url"]
@@ -76,8 +92,10 @@ async def update_machine(request: web.Request) -> web.Response:
         token_ref = await c.secrets.put(machine_token_key(name), body.token) if body.token else None
     ack = await c.store.append(
         MachineUpdated(name=name, url=url,
-                       labels=body.labels if body.labels is not None else current["labels"], token_ref=token_ref),
-        actor=f"api:{request.remote}",
+                       labels=body.labels if body.labels is not None else current["labels"], token_ref=token_ref,
+                       owner=current["owner"],
+                       shared_with=sorted(set(body.sharedWith)) if body.sharedWith is not None else current["sharedWith"]),
+        actor=actor(request),
     )
     if token_given and body.token is None:
         await c.secrets.delete(machine_token_key(name))
@@ -87,8 +105,8 @@ async def update_machine(request: web.Request) -> web.Response:
 
 async def delete_machine(request: web.Request) -> web.Response:
     c = ctx(request)
-    name = (await _machine(request))["name"]
-    ack = await c.store.append(MachineDeleted(name=name), actor=f"api:{request.remote}")
+    name = (await _own_machine(request))["name"]
+    ack = await c.store.append(MachineDeleted(name=name), actor=actor(request))
     await c.secrets.delete(machine_token_key(name))
     await c.caught_up(ack.seq)
     return web.json_response({"deleted": True})
@@ -100,7 +118,7 @@ CHECK_MESSAGES = {200: "the agent is healthy", 401: "the agent refused the token
 
 async def check_machine(request: web.Request) -> web.Response:
     c = ctx(request)
-    machine = await _machine(request)
+    machine = await _own_machine(request)
     name, url = machine["name"], machine["url"]
     token = await c.secrets.get(machine_token_key(name))
     headers = {"Authorization": f"Bearer {token}"} if token else {}

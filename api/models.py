@@ -96,6 +96,7 @@ class RunOut(Model):
     dataPool: list[DataUnitOut]
     paramPool: dict[str, list[ParamOut]]
     stepCounts: StepCounts
+    owner: str | None = Field(None, description="the principal it belongs to (null: created before principals)")
     maxParallel: int | None = None
     terminationReason: str | None = None
     createdAt: str
@@ -109,9 +110,14 @@ class RunOut(Model):
 class RunSummary(Model):
     id: str
     status: str
+    owner: str | None = None
     stepCounts: StepCounts
     createdAt: str
     updatedAt: str
+
+
+SharedWith = Annotated[list[Annotated[str, Field(pattern=r"^(\*|[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)$")]],
+                       Field(max_length=1000, description='principals whose runs may use it besides its owner ("*": everyone)')]
 
 
 class MachineIn(Model):
@@ -120,6 +126,7 @@ class MachineIn(Model):
     url: AgentUrl
     token: str | None = Field(default=None, min_length=1, max_length=4096)
     labels: dict[str, str] = Field(default_factory=dict)
+    sharedWith: SharedWith = Field(default_factory=list)
 
 
 class MachineUpdate(Model):
@@ -127,6 +134,7 @@ class MachineUpdate(Model):
     url: AgentUrl | None = None
     token: str | None = Field(default=None, min_length=1, max_length=4096)
     labels: dict[str, str] | None = None
+    sharedWith: SharedWith | None = None
 
 
 class MachineOut(Model):
@@ -136,6 +144,8 @@ class MachineOut(Model):
     hasToken: bool
     registeredAt: str
     updatedAt: str
+    owner: str | None = Field(None, description="who registered it (null: the built-in machine, or before principals)")
+    sharedWith: list[str] = Field(default_factory=list)
 
 
 class MachineCheck(Model):

@@ -17,6 +17,7 @@ from projections import queries
 from .context import ctx
 from .errors import json_body
 from .models import Declared, DataKindOut, OperatorOut
+from .principal import actor
 
 ACTOR = "api"
 
@@ -41,7 +42,7 @@ async def list_operators(request: web.Request) -> web.Response:
 async def _declare(request: web.Request, kind: str) -> web.Response:
     c = ctx(request)
     doc = parse_document(await json_body(request), expect=kind)
-    seq, registry = await commands.declare(c.store, doc, actor=f"api:{request.remote}")
+    seq, registry = await commands.declare(c.store, doc, actor=actor(request))
     await c.caught_up(seq)
     name = doc.metadata.name
     revision = registry.operators[name][1] if kind == "Operator" else None
@@ -68,13 +69,13 @@ def _name(request: web.Request, what: str) -> str:
 
 async def delete_data_kind(request: web.Request) -> web.Response:
     c = ctx(request)
-    seq = await commands.delete_kind(c.store, _name(request, "data kind"), actor=f"api:{request.remote}")
+    seq = await commands.delete_kind(c.store, _name(request, "data kind"), actor=actor(request))
     await c.caught_up(seq)
     return web.json_response({"deleted": True})
 
 
 async def delete_operator(request: web.Request) -> web.Response:
     c = ctx(request)
-    seq = await commands.delete_operator(c.store, _name(request, "operator"), actor=f"api:{request.remote}")
+    seq = await commands.delete_operator(c.store, _name(request, "operator"), actor=actor(request))
     await c.caught_up(seq)
     return web.json_response({"deleted": True})

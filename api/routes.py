@@ -12,9 +12,10 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from mlynar_events.lineage import Lineage, Provenance
+from mlynar_events.principals import Role
 from mlynar_events.webhooks import DeliveryAttempt
 
-from . import events, lineage, machines, registry, returns, runs, ui, webhooks
+from . import events, lineage, machines, registry, returns, runs, tokens, ui, webhooks
 from .context import ctx
 from .models import (
     Declared, Deleted, DataKindOut, DataUnitOut, Health, MachineCheck, MachineIn, MachineOut,
@@ -44,6 +45,16 @@ class Route:
     errors: tuple[int, ...] = ()
     query: tuple[tuple[str, str], ...] = ()
     access: Access = Access.API
+    role: Role | None = None  # the weakest role that may call it (Access.API routes); None: see `needs`
+
+    @property
+    def needs(self) -> Role:
+        """Reads need ``viewer``, writes ``member``, unless the route says otherwise (the
+        registry, tokens and webhooks are ``admin``'s). Which runs and machines a member may
+        act on is checked by the handlers (``api/principal.py``, ``api/machines.py``)."""
+        if self.role is not None:
+            return self.role
+        return Role.VIEWER if self.method in {"GET", "HEAD"} else Role.MEMBER
 
 
 HEALTH_NATS_TIMEOUT = 2.0
@@ -131,14 +142,14 @@ ROUTES: list[Route] = [
     Route("HEAD", "/api/run/data-unit/{unit_id}", runs.unit_data, "A data unit's size and type", errors=(404,)),
     Route("GET", "/api/data-kinds", registry.list_data_kinds, "Declared data kinds", response=list[DataKindOut]),
     Route("POST", "/api/data-kinds", registry.declare_data_kind, "Declare a DataKind document",
-          body="application/json", response=Declared, errors=(400,)),
+          body="application/json", response=Declared, errors=(400,), role=Role.ADMIN),
     Route("DELETE", "/api/data-kinds/{name}", registry.delete_data_kind, "Delete a data kind", response=Deleted,
-          errors=(404, 409)),
+          errors=(404, 409), role=Role.ADMIN),
     Route("GET", "/api/operators", registry.list_operators, "Declared operators", response=list[OperatorOut]),
     Route("POST", "/api/operators", registry.declare_operator, "Declare an Operator document",
-          body="application/json", response=Declared, errors=(400,)),
+          body="application/json", response=Declared, errors=(400,), role=Role.ADMIN),
     Route("DELETE", "/api/operators/{name}", registry.delete_operator, "Delete an operator", response=Deleted,
-          errors=(404,)),
+          errors=(404,), role=Role.ADMIN),
     Route("GET", "/api/machines", machines.list_machines, "Registered machines", response=list[MachineOut]),
     Route("POST", "/api/machines", machines.register_machine, "Register a machine (its agent's URL and token)",
           body=MachineIn, response=MachineOut, errors=(400, 409)),
@@ -149,18 +160,26 @@ ROUTES: list[Route] = [
           errors=(404,)),
     Route("POST", "/api/machines/{name}/check", machines.check_machine, "Call the machine agent's health endpoint",
           response=MachineCheck, errors=(404,)),
-    Route("GET", "/api/webhooks", webhooks.list_webhooks, "Webhooks", response=list[webhooks.WebhookOut]),
+    Route("GET", "/api/webhooks", webhooks.list_webhooks, "Webhooks", response=list[webhooks.WebhookOut],
+          role=Role.ADMIN),
     Route("POST", "/api/webhooks", webhooks.create_webhook, "Subscribe a URL to events (answers its secret, once)",
-          body=webhooks.WebhookIn, response=webhooks.WebhookWithSecret, errors=(400,)),
-    Route("GET", WEBHOOK, webhooks.get_webhook, "One webhook", response=webhooks.WebhookOut, errors=(404,)),
-    Route("DELETE", WEBHOOK, webhooks.delete_webhook, "Delete a webhook", response=Deleted, errors=(404,)),
+          body=webhooks.WebhookIn, response=webhooks.WebhookWithSecret, errors=(400,), role=Role.ADMIN),
+    Route("GET", WEBHOOK, webhooks.get_webhook, "One webhook", response=webhooks.WebhookOut, errors=(404,),
+          role=Role.ADMIN),
+    Route("DELETE", WEBHOOK, webhooks.delete_webhook, "Delete a webhook", response=Deleted, errors=(404,), role=Role.ADMIN),
     Route("GET", WEBHOOK + "/deliveries", webhooks.list_deliveries, "Its last delivery attempts, newest first",
-          response=list[DeliveryAttempt], errors=(404,)),
+          response=list[DeliveryAttempt], errors=(404,), role=Role.ADMIN),
     Route("POST", WEBHOOK + "/rotate-secret", webhooks.rotate_secret,
           "A new signing secret; the old one still signs for the grace period", body=webhooks.RotateIn,
-          response=webhooks.RotatedSecret, errors=(400, 404, 409)),
+          response=webhooks.RotatedSecret, errors=(400, 404, 409), role=Role.ADMIN),
     Route("POST", WEBHOOK + "/enable", webhooks.enable_webhook, "Deliver again to a failing webhook",
-          response=webhooks.WebhookOut, errors=(404,)),
+          response=webhooks.WebhookOut, errors=(404,), role=Role.ADMIN),
+    Route("GET", "/api/tokens", tokens.list_tokens, "API tokens (never the tokens themselves)",
+          response=list[tokens.TokenOut], role=Role.ADMIN),
+    Route("POST", "/api/tokens", tokens.create_token, "Create a token for a principal with a role (answers it, once)",
+          body=tokens.TokenIn, response=tokens.TokenWithSecret, errors=(400,), role=Role.ADMIN),
+    Route("DELETE", "/api/tokens/{token_id}", tokens.revoke_token, "Revoke a token (refused from this answer on)",
+          response=tokens.TokenOut, errors=(404,), role=Role.ADMIN),
 ]
 
 

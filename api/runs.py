@@ -25,6 +25,7 @@ from .body import BodyClock
 from .context import ctx
 from .errors import BadRequest, CommandTooLarge, int_param, json_body
 from .models import RunSummary
+from .principal import actor, owner_filter, route_run, visible_run
 from .render import base_url, blob_response, counts, ok, run_response, step_out, unit_out
 from .uploads import MULTIPART_ERRORS, file_chunks, first_file_part, safe_filename
 
@@ -32,21 +33,9 @@ log = logging.getLogger("mlynar.api.runs")
 MAX_OFFSET = 2**31
 
 
-def _actor(request: web.Request) -> str:
-    return f"api:{request.remote or 'unknown'}"
-
-
-def _run_id(request: web.Request) -> str:
-    run_id = request.match_info["run_id"]
-    try:
-        return str(uuid.UUID(run_id))
-    except ValueError:
-        raise NotFound(f"run {run_id!r} does not exist") from None
-
-
 async def create_run(request: web.Request) -> web.Response:
     c = ctx(request)
-    run_id, seq = await commands.create(c.store, _actor(request))
+    run_id, seq = await commands.create(c.store, actor(request))
     await c.caught_up(seq)
     log.info("run created", extra={"run_id": run_id})
     return await run_response(request, c, run_id, 201)
@@ -56,9 +45,9 @@ async def list_runs(request: web.Request) -> web.Response:
     c = ctx(request)
     limit = int_param(request, "limit", 1, 1000, default=100)
     offset = int_param(request, "offset", 0, MAX_OFFSET, default=0)
-    rows = await queries.list_runs(c.db, limit, offset)
+    rows = await queries.list_runs(c.db, limit, offset, owner=owner_filter(request))
     return web.json_response([
-        RunSummary(id=r["id"], status=r["status"], stepCounts=counts(r), createdAt=r["created_at"],
+        RunSummary(id=r["id"], status=r["status"], owner=r["owner"], stepCounts=counts(r), createdAt=r["created_at"],
                    updatedAt=r["updated_at"]).model_dump(mode="json") for r in rows
     ])
 
@@ -68,12 +57,12 @@ async def get_run(request: web.Request) -> web.Response:
     with ``?at=<seq>``, the run as it was then (:func:`api.events.run_at`)."""
     if "at" in request.query:
         return await events.run_at(request)
-    return await run_response(request, ctx(request), _run_id(request))
+    return await run_response(request, ctx(request), await route_run(request))
 
 
 async def upload(request: web.Request) -> web.Response:
     c = ctx(request)
-    run_id, kind = _run_id(request), request.match_info["data_kind"]
+    run_id, kind = await route_run(request), request.match_info["data_kind"]
     if not is_dns1123_label(kind):
         raise BadRequest(f"{kind!r} is not a valid data kind name (DNS-1123 label)")
     if request.content_length is not None and request.content_length > c.settings.max_upload_bytes + 64 * 1024:
@@ -96,7 +85,7 @@ async def upload(request: web.Request) -> web.Response:
     event = DataUnitAdded(run_id=run_id, unit_id=unit_id, data_kind=kind, ancestors=[], blob=key,
                           size=info.size, sha256=info.sha256, filename=safe_filename(part.filename))
     try:
-        seq = await commands.add_uploaded_unit(c.store, c.runs, event, _actor(request))
+        seq = await commands.add_uploaded_unit(c.store, c.runs, event, actor(request))
     except BaseException:
         await c.blobs.delete_prefix(key)
         raise
@@ -109,7 +98,7 @@ async def upload(request: web.Request) -> web.Response:
 
 async def params(request: web.Request) -> web.Response:
     c = ctx(request)
-    run_id = _run_id(request)
+    run_id = await route_run(request)
     found = await queries.get_run(c.db, run_id)
     if found is None:
         raise NotFound(f"run {run_id!r} does not exist")
@@ -125,32 +114,32 @@ async def params(request: web.Request) -> web.Response:
 
 async def start_run(request: web.Request) -> web.Response:
     c = ctx(request)
-    run_id = _run_id(request)
+    run_id = await route_run(request)
     max_parallel = int_param(request, "maxParallel", 1, 10_000, default=c.settings.max_parallel)
     await commands.load_run(c.runs, run_id)  # 404 before reading the body
     pool = commands.parse_param_pool(await json_body(request, required=False), await load_registry(c.store))
-    await c.caught_up(await commands.start(c.store, c.runs, run_id, pool, max_parallel, _actor(request)))
+    await c.caught_up(await commands.start(c.store, c.runs, run_id, pool, max_parallel, actor(request)))
     log.info("run started", extra={"run_id": run_id, "max_parallel": max_parallel})
     return await run_response(request, c, run_id)
 
 
 async def terminate_run(request: web.Request) -> web.Response:
     c = ctx(request)
-    run_id = _run_id(request)
+    run_id = await route_run(request)
     cancel = request.query.get("cancel", "false").lower()
     if cancel not in {"true", "false", "1", "0"}:
         raise BadRequest("cancel must be true or false")
 
-    await c.caught_up(await commands.terminate(c.store, c.runs, run_id, cancel in {"true", "1"}, _actor(request)))
+    await c.caught_up(await commands.terminate(c.store, c.runs, run_id, cancel in {"true", "1"}, actor(request)))
     log.info("run termination requested", extra={"run_id": run_id, "cancel": cancel})
     return await run_response(request, c, run_id)
 
 
 async def delete_run(request: web.Request) -> web.Response:
     c = ctx(request)
-    run_id = _run_id(request)
+    run_id = await route_run(request)
 
-    await c.caught_up(await commands.delete(c.store, c.runs, c.blobs, run_id, _actor(request)))
+    await c.caught_up(await commands.delete(c.store, c.runs, c.blobs, run_id, actor(request)))
     log.info("run deleted", extra={"run_id": run_id})
     return web.json_response({"id": run_id, "deleted": True})
 
@@ -159,14 +148,19 @@ async def unit_data(request: web.Request) -> web.StreamResponse:
     c = ctx(request)
     run_id, unit_id = request.match_info.get("run_id"), request.match_info["unit_id"]
     unit = await queries.get_unit(c.db, run_id, unit_id)
+    missing = NotFound(f"data unit {unit_id!r}" + (f" of run {run_id!r}" if run_id else "") + " does not exist")
     if unit is None:
-        raise NotFound(f"data unit {unit_id!r}" + (f" of run {run_id!r}" if run_id else "") + " does not exist")
+        raise missing
+    try:
+        await visible_run(request, unit["run_id"])
+    except NotFound:
+        raise missing from None
     return await blob_response(c, unit["blob"], unit["filename"])
 
 
 async def _step(request: web.Request) -> dict[str, Any]:
     """The route's step from the views, or 404."""
-    run_id, step_id = _run_id(request), request.match_info["step_id"]
+    run_id, step_id = await route_run(request), request.match_info["step_id"]
     step = await queries.get_step(ctx(request).db, run_id, step_id)
     if step is None:
         raise NotFound(f"step {step_id!r} of run {run_id!r} does not exist")

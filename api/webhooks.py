@@ -33,6 +33,7 @@ from projections.webhook_views import get_webhook as view_of, webhooks as all_vi
 from .context import ctx
 from .errors import BadRequest, json_body
 from .models import Model
+from .principal import actor
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_GRACE = 7 * 86400.0
@@ -92,10 +93,6 @@ def _out(row: dict) -> WebhookOut:
         createdAt=row["created_at"], updatedAt=row["updated_at"])
 
 
-def _actor(request: web.Request) -> str:
-    return f"api:{request.remote}"
-
-
 async def _webhook(request: web.Request) -> dict:
     webhook_id = request.match_info["webhook_id"]
     found = await view_of(ctx(request).db, webhook_id) if _ID.match(webhook_id) else None
@@ -126,7 +123,7 @@ async def create_webhook(request: web.Request) -> web.Response:
     event = WebhookCreated(webhook_id=webhook_id, url=body.url, types=sorted(set(body.types)),
                            runs=sorted(set(body.runs)), description=body.description, secret_ref=ref)
     try:
-        ack = await c.store.append(event, actor=_actor(request), expected_seq=0)
+        ack = await c.store.append(event, actor=actor(request), expected_seq=0)
     except BaseException:  # nothing references it: leave nothing behind
         await c.secrets.delete(ref)
         raise
@@ -146,7 +143,7 @@ async def _webhook_row(request: web.Request, webhook_id: str) -> dict:
 async def delete_webhook(request: web.Request) -> web.Response:
     c = ctx(request)
     row = await _webhook(request)
-    ack = await c.store.append(WebhookDeleted(webhook_id=row["id"]), actor=_actor(request))
+    ack = await c.store.append(WebhookDeleted(webhook_id=row["id"]), actor=actor(request))
     for ref in (row["secret_ref"], row["previous_secret_ref"]):
         if ref:
             await c.secrets.delete(ref)
@@ -169,7 +166,7 @@ async def rotate_secret(request: web.Request) -> web.Response:
         ack = await c.store.append(
             WebhookSecretRotated(webhook_id=row["id"], secret_ref=ref, previous_ref=row["secret_ref"],
                                  grace_until=until),
-            actor=_actor(request), expected_seq=row["version"])
+            actor=actor(request), expected_seq=row["version"])
     except ConcurrencyConflict:
         await c.secrets.delete(ref)
         raise Conflict("the webhook changed meanwhile (another rotation, or it was marked failing); try again") from None
@@ -190,7 +187,7 @@ async def enable_webhook(request: web.Request) -> web.Response:
     c = ctx(request)
     row = await _webhook(request)
     if row["status"] == "failing":
-        ack = await c.store.append(WebhookEnabled(webhook_id=row["id"]), actor=_actor(request))
+        ack = await c.store.append(WebhookEnabled(webhook_id=row["id"]), actor=actor(request))
         await c.caught_up(ack.seq)
         row = await _webhook_row(request, row["id"])
     return web.json_response(_out(row).model_dump(mode="json"))

@@ -1,5 +1,5 @@
-"""The client sub-commands of ``mlynar``: ``apply``, ``get``, ``delete``, ``run …`` and
-``history``. :func:`add_commands` adds their parsers to the one ``mlynar`` parser
+"""The client sub-commands of ``mlynar``: ``apply``, ``get``, ``delete``, ``run …``,
+``tokens …`` and ``history``. :func:`add_commands` adds their parsers to the one ``mlynar`` parser
 (``mlynar_events/cli.py``); each handler is an ``async`` function of an open :class:`~client.http.Api`
 and the parsed arguments, answering the exit code (the table in :mod:`client.http`).
 
@@ -336,6 +336,42 @@ async def _history(api: Api, ns: argparse.Namespace) -> int:
     return OK
 
 
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+async def _token_create(api: Api, ns: argparse.Namespace) -> int:
+    from . import render
+
+    body = await api.json("POST", "/api/tokens", json={"principal": ns.principal, "role": ns.role,
+                                                        "description": ns.description})
+    if ns.output != "table":
+        render.emit(body, ns.output)
+    else:
+        render.console().print(f"token {body['id']} for {body['principal']} ({body['role']}); "
+                               "it is shown only now, keep it:")
+        print(body["token"])  # plain, so `mlynar tokens create ... | tail -1 > file` works
+    return OK
+
+
+async def _token_list(api: Api, ns: argparse.Namespace) -> int:
+    from . import render
+
+    data = await api.get("/api/tokens")
+    render.emit(data, ns.output, render.tokens_table(data))
+    return OK
+
+
+async def _token_revoke(api: Api, ns: argparse.Namespace) -> int:
+    from . import render
+
+    body = await api.json("DELETE", f"/api/tokens/{ns.id}")
+    if ns.output != "table":
+        render.emit(body, ns.output)
+    else:
+        render.console().print(f"token {body['id']} of {body['principal']} revoked")
+    return OK
+
+
 # ---- parsers -----------------------------------------------------------------------------------
 
 
@@ -397,6 +433,17 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--cancel", action="store_true", help="also cancel the running steps")
     p = leaf(run, "delete", _run_delete, "delete a finished run and its data")
     p.add_argument("id", help="run id")
+
+    tokens = sub.add_parser("tokens", help="API tokens of principals (admin)").add_subparsers(
+        dest="tokens_command", required=True)
+    p = leaf(tokens, "create", _token_create, "create a token for a principal with a role (printed once)")
+    p.add_argument("principal", help="who it is for (a DNS-1123 label)")
+    p.add_argument("--role", choices=("admin", "member", "viewer"), default="member",
+                   help="viewer: read; member: own runs and machines; admin: everything (default: member)")
+    p.add_argument("--description", default="", help="what it is for")
+    leaf(tokens, "list", _token_list, "the tokens (never the tokens themselves)")
+    p = leaf(tokens, "revoke", _token_revoke, "revoke a token (refused from then on)")
+    p.add_argument("id", help="token id (tok-...)")
 
     p = leaf(sub, "history", _history, "a run's events as a timeline (--at SEQ: the run as it was after that event)")
     p.add_argument("id", metavar="RUN", help="run id")

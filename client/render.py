@@ -99,6 +99,16 @@ def machines_table(machines: list[dict[str, Any]]) -> Table:
     return table
 
 
+def tokens_table(tokens: list[dict[str, Any]]) -> Table:
+    table = _table("ID", "PRINCIPAL", "ROLE", "DESCRIPTION", "CREATED BY", "AGE", "REVOKED")
+    for t in tokens:
+        created = datetime.fromisoformat(t["createdAt"]) if t.get("createdAt") else None
+        revoked = datetime.fromisoformat(t["revokedAt"]) if t.get("revokedAt") else None
+        table.add_row(t["id"], t["principal"], t["role"], t.get("description", ""), t.get("createdBy", ""),
+                      ago(created), f"{ago(revoked)} ago" if revoked else "")
+    return table
+
+
 def step_counts(counts: Any) -> str:
     parts = [f"{counts.succeeded} ok"]
     if counts.failed:

@@ -17,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import aiohttp
 
 from mlynar_events.blobs import BlobNotFound, BlobStore
 from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdated, StepScheduled, subject_filters
+from mlynar_events.principals import machine_refusal, may_use_machine
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore
 
@@ -41,6 +42,8 @@ class Machine:
     name: str
     url: str
     token_ref: str | None
+    owner: str | None = None
+    shared_with: tuple[str, ...] = ()
 
 
 class MachineDirectory:
@@ -61,7 +64,8 @@ class MachineDirectory:
             async for stored in sub:
                 event = stored.event
                 if isinstance(event, MachineRegistered):  # also MachineUpdated
-                    self.machines[event.name] = Machine(event.name, event.url, event.token_ref)
+                    self.machines[event.name] = Machine(event.name, event.url, event.token_ref, event.owner,
+                                                        tuple(event.shared_with))
                 elif isinstance(event, MachineDeleted):
                     self.machines.pop(event.name, None)
                 if sub.pending == 0:
@@ -108,9 +112,12 @@ class MachineBackend:
         return self._session
 
     async def _client(self, name: str) -> tuple[Machine | None, AgentClient | None]:
-        machine = self.hosted.get(name) or await self.directory.get(name)
+        registered = await self.directory.get(name)
+        machine = self.hosted.get(name) or registered
         if machine is None:
             return None, None
+        if registered is not None:  # who may use it is the registry's, also for a hosted machine
+            machine = replace(machine, owner=registered.owner, shared_with=registered.shared_with)
         token = await self.secrets.get(machine.token_ref) if machine.token_ref else None
         return machine, AgentClient(machine.url, token, connect_timeout=self.connect_timeout,
                                     read_timeout=self.read_timeout, session=self.session())
@@ -120,6 +127,9 @@ class MachineBackend:
         machine, client = await self._client(name)
         if machine is None or client is None:
             return AttemptResult(ok=False, error=f"machine {name!r} is not registered", retryable=True)
+        if not may_use_machine(attempt.step.owner, machine.owner, machine.shared_with):
+            # not the operator's failure and no retry can change it: the step fails with the reason
+            return AttemptResult(ok=False, retryable=False, error=machine_refusal(name, attempt.step.owner, machine.owner))
         async with client:
             try:
                 return await self._run(client, attempt)

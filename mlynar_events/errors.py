@@ -19,6 +19,12 @@ class Invalid(CommandError):
     status = 400
 
 
+class Forbidden(CommandError):
+    """The caller's principal may not do this to this object (its role allowed the route)."""
+
+    status = 403
+
+
 class NotFound(CommandError):
     status = 404
 

@@ -124,11 +124,17 @@ class OperatorDeleted(NamedEvent):
 
 
 class MachineRegistered(NamedEvent):
+    """``owner``: the principal that registered it (``None``: before principals existed, or the
+    built-in ``local``); ``shared_with``: principals whose runs may use it besides the owner's
+    (``"*"``: everyone). The rule is :func:`mlynar_events.principals.may_use_machine`."""
+
     event_type: ClassVar[str] = "MachineRegistered"
     aggregate: ClassVar[str] = "machine"
     url: str
     labels: dict[str, str] = Field(default_factory=dict)
     token_ref: str | None = None
+    owner: str | None = None
+    shared_with: list[str] = Field(default_factory=list)
 
 
 class MachineUpdated(MachineRegistered):
@@ -144,7 +150,10 @@ class MachineDeleted(NamedEvent):
 
 
 class RunCreated(RunEvent):
+    """``owner``: the principal the run belongs to (``None``: created before principals existed)."""
+
     event_type: ClassVar[str] = "RunCreated"
+    owner: str | None = None
 
 
 class DataUnitAdded(RunEvent):
@@ -184,6 +193,7 @@ class StepScheduled(RunEvent):
     inputs: list[StepInput]
     env: dict[str, str]
     ancestors: list[str]
+    owner: str | None = None  # the run's owner: whose machines the step may use
 
 
 class StepStarted(RunEvent):
@@ -323,11 +333,38 @@ class WebhookDeleted(WebhookEvent):
     event_type: ClassVar[str] = "WebhookDeleted"
 
 
+# ---- API tokens (the token is never here: only its SHA-256) ----------------------------------
+
+
+class TokenEvent(Event):
+    abstract: ClassVar[bool] = True
+    aggregate: ClassVar[str] = "token"
+    token_id: str
+
+    def key(self) -> str:
+        return self.token_id
+
+
+class TokenCreated(TokenEvent):
+    """An API token for ``principal`` with ``role``; ``digest`` is the token's SHA-256
+    (:func:`mlynar_events.principals.token_digest`)."""
+
+    event_type: ClassVar[str] = "TokenCreated"
+    principal: str
+    role: Literal["admin", "member", "viewer"]
+    digest: str
+    description: str = ""
+
+
+class TokenRevoked(TokenEvent):
+    event_type: ClassVar[str] = "TokenRevoked"
+
+
 STEP_OUTCOMES = (StepSucceeded, StepFailed, StepCancelled)
 
 
 def of_aggregate(aggregate: str) -> tuple[type[Event], ...]:
-    """Every event class of one aggregate (``run``, ``datakind``, ``operator``, ``machine``, ``webhook``)."""
+    """Every event class of one aggregate (``run``, ``datakind``, ``operator``, ``machine``, ``webhook``, ``token``)."""
     return tuple(cls for cls in CATALOGUE.values() if cls.aggregate == aggregate)
 
 
@@ -405,4 +442,4 @@ class StoredEvent:
         return self.envelope.time
 
 
-AggregateName = Literal["run", "datakind", "operator", "machine", "webhook"]
+AggregateName = Literal["run", "datakind", "operator", "machine", "webhook", "token"]

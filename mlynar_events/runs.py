@@ -64,9 +64,11 @@ async def decide_and_append(
 
 
 async def create(store: EventStore, actor: str) -> tuple[str, int]:
-    """A new, empty run: its id and the sequence of its ``RunCreated``."""
+    """A new, empty run owned by ``actor`` (the principal creating it): its id and the sequence
+    of its ``RunCreated``."""
     run_id = str(uuid.uuid4())
-    ack = await store.append(RunCreated(run_id=run_id), actor=actor, msg_id=f"{run_id}:created", expected_seq=0)
+    ack = await store.append(RunCreated(run_id=run_id, owner=actor), actor=actor, msg_id=f"{run_id}:created",
+                             expected_seq=0)
     return run_id, ack.seq
 
 

@@ -94,6 +94,7 @@ class RunState:
     termination: RunTerminationRequested | None = None
     terminated_final: bool = False
     active: int = 0  # steps scheduled and not finished
+    owner: str | None = None  # the principal it belongs to (RunCreated)
 
     @property
     def exists(self) -> bool:
@@ -110,6 +111,8 @@ class RunState:
         self.version = max(self.version, seq)
         self.status = run_status_after(event, self.status)
         match event:
+            case RunCreated():
+                self.owner = event.owner
             case DataUnitAdded():
                 self.units[event.unit_id] = event
             case RunStarted():

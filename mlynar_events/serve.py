@@ -29,6 +29,7 @@ from .config import ServeSettings, is_loopback
 from .events import STREAM, MachineRegistered, MachineUpdated, key_filter
 from .nats_connect import NatsOptions, NatsUnavailable
 from .nats_server import EmbeddedNats, embedded_credentials
+from .principals import EVERYONE
 from .secrets import SecretCipher, SecretsLocked, SecretStore, machine_token_key, private_dir, secret_ref
 from .solver import Solver
 from .errors import CommandError
@@ -257,8 +258,11 @@ class Service:
         current = registry[-1].event if registry else None
         if not isinstance(current, MachineRegistered) or current.url != agent.url or current.token_ref != ref:
             cls = MachineUpdated if isinstance(current, MachineRegistered) else MachineRegistered
-            await store.append(cls(name=LOCAL_MACHINE, url=agent.url, labels={"builtin": "true"}, token_ref=ref),
-                               actor="serve")
+            # shared with everyone until an admin says otherwise (PUT /api/machines/local sharedWith):
+            # only admins declare what operators run, so a member's run can only run those
+            owner, shared = (current.owner, current.shared_with) if current else ("serve", [EVERYONE])
+            await store.append(cls(name=LOCAL_MACHINE, url=agent.url, labels={"builtin": "true"}, token_ref=ref,
+                                   owner=owner, shared_with=shared), actor="serve")
         log.info("built-in machine 'local' ready", extra={"url": agent.url})
 
     async def _start_api(self, store: EventStore, blobs: FileBlobStore, secrets: SecretStore, serve_http: bool) -> None:

@@ -132,7 +132,7 @@ def build_step(run: RunState, registry: Registry, step_id: str, op: str, inputs:
         run_id=run.run_id, step_id=step_id, operator=op, revision=revision, spec=spec,
         inputs=[StepInput(env=env_name, unit_id=u.unit_id, data_kind=u.data_kind, blob=u.blob, filename=u.filename)
                 for (env_name, _), u in zip(inputs, units)],
-        env=env, ancestors=ancestors,
+        env=env, ancestors=ancestors, owner=run.owner,
     )
 
 

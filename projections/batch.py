@@ -46,6 +46,7 @@ class Batch:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.runs: dict[str, RunChanges] = {}
+        self.actor = ""  # the envelope's actor of the event being applied (who did it)
 
     def execute(self, sql: str, args: tuple = ()) -> int:
         """Run one statement; the number of rows it changed."""
@@ -54,6 +55,7 @@ class Batch:
     def apply(self, stored: StoredEvent) -> None:
         handler = HANDLERS.get(type(stored.event))
         if handler is not None:
+            self.actor = stored.envelope.actor
             handler(self, stored.event, stored.seq, stored.time.isoformat())
 
     def touch(self, run_id: str, seq: int, at: str, **columns: object) -> None:

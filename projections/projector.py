@@ -5,7 +5,7 @@ exactly once even across crashes. ``wait_for(seq)`` lets the API answer only aft
 its own append (read-your-writes).
 
 The handlers (:mod:`projections.run_views`, :mod:`projections.registry_views`,
-:mod:`projections.webhook_views`) are plain
+:mod:`projections.webhook_views`, :mod:`projections.token_views`) are plain
 synchronous functions over a ``sqlite3.Connection``, and a whole batch (handlers, merged run
 updates, checkpoint, commit) is one call of :func:`apply_batch`: live, in one hop to aiosqlite's
 thread (:func:`projections.connection.in_db_thread`) instead of one hop per statement; in a
@@ -25,7 +25,7 @@ import aiosqlite
 from mlynar_events.events import CATALOGUE, StoredEvent, subject_filters
 from mlynar_events.store import EventStore, Subscription
 
-from . import registry_views, run_views, webhook_views  # noqa: F401 - their handlers register on import
+from . import registry_views, run_views, token_views, webhook_views  # noqa: F401 - their handlers register on import
 from .batch import Batch
 from .connection import in_db_thread
 from .schema import DDL, SCHEMA_VERSION

@@ -67,9 +67,19 @@ def step_row(s: aiosqlite.Row) -> dict[str, Any]:
     return d
 
 
-async def list_runs(db: aiosqlite.Connection, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-    rows = await _all(db, "SELECT * FROM runs ORDER BY created_at DESC, id LIMIT ? OFFSET ?", (limit, offset))
+async def list_runs(db: aiosqlite.Connection, limit: int = 100, offset: int = 0,
+                    owner: str | None = None) -> list[dict[str, Any]]:
+    """Newest first; only ``owner``'s runs when given (what a member sees)."""
+    where, args = ("WHERE owner = ? ", (owner,)) if owner is not None else ("", ())
+    rows = await _all(db, f"SELECT * FROM runs {where}ORDER BY created_at DESC, id LIMIT ? OFFSET ?",
+                      (*args, limit, offset))
     return [dict(r) for r in rows]
+
+
+async def run_owner(db: aiosqlite.Connection, run_id: str) -> tuple[bool, str | None]:
+    """Whether the run is in the views, and its owner."""
+    row = await _one(db, "SELECT owner FROM runs WHERE id = ?", (run_id,))
+    return (row is not None, row["owner"] if row else None)
 
 
 async def get_unit(db: aiosqlite.Connection, run_id: str | None, unit_id: str) -> dict[str, Any] | None:
@@ -115,6 +125,7 @@ def machine_row(r: aiosqlite.Row) -> dict[str, Any]:
     return {
         "name": r["name"], "url": r["url"], "labels": json.loads(r["labels"]),
         "hasToken": bool(r["has_token"]), "registeredAt": r["registered_at"], "updatedAt": r["updated_at"],
+        "owner": r["owner"], "sharedWith": json.loads(r["shared_with"]),
     }
 
 
@@ -179,6 +190,7 @@ SELECT json_object(
         'failed', r.steps_failed,
         'cancelled', r.steps_cancelled,
         'active', r.steps_total - r.steps_succeeded - r.steps_failed - r.steps_cancelled),
+    'owner', r.owner,
     'maxParallel', r.max_parallel,
     'terminationReason', r.termination_reason,
     'createdAt', r.created_at,

@@ -39,10 +39,11 @@ def _op_deleted(b: Batch, e: OperatorDeleted, seq: int, at: str) -> None:
 @handles(MachineRegistered, MachineUpdated)
 def _machine(b: Batch, e: MachineRegistered, seq: int, at: str) -> None:
     b.execute(
-        "INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
+        "INSERT INTO machines VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
         " url = excluded.url, labels = excluded.labels, has_token = excluded.has_token,"
-        " updated_at = excluded.updated_at",
-        (e.name, e.url, json.dumps(e.labels), int(e.token_ref is not None), at, at),
+        " updated_at = excluded.updated_at, owner = excluded.owner, shared_with = excluded.shared_with",
+        (e.name, e.url, json.dumps(e.labels), int(e.token_ref is not None), at, at, e.owner,
+         json.dumps(e.shared_with)),
     )
 
 

@@ -18,8 +18,8 @@ from .batch import Batch, handles
 @handles(RunCreated)
 def _run_created(b: Batch, e: RunCreated, seq: int, at: str) -> None:
     if b.execute(
-        "INSERT OR IGNORE INTO runs (id, status, version, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-        (e.run_id, RUN_STATUS_AFTER[RunCreated], seq, at, at),
+        "INSERT OR IGNORE INTO runs (id, status, owner, version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+        (e.run_id, RUN_STATUS_AFTER[RunCreated], e.owner, seq, at, at),
     ):
         b.forget(e.run_id)
 

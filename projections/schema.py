@@ -1,7 +1,7 @@
 """The read views' SQLite schema. Bump ``SCHEMA_VERSION`` when it changes: a database of another
 version is rebuilt from the stream (projections are disposable, the stream is the truth)."""
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -9,6 +9,7 @@ CREATE TABLE IF NOT EXISTS checkpoint (id INTEGER PRIMARY KEY CHECK (id = 1), se
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
+    owner TEXT,
     param_pool TEXT NOT NULL DEFAULT '{}',
     max_parallel INTEGER,
     termination_reason TEXT,
@@ -35,6 +36,7 @@ CREATE TABLE IF NOT EXISTS data_units (
     seq INTEGER NOT NULL,
     added_at TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS runs_owner ON runs (owner, created_at);
 CREATE INDEX IF NOT EXISTS data_units_run ON data_units (run_id, seq);
 CREATE TABLE IF NOT EXISTS steps (
     id TEXT PRIMARY KEY,
@@ -69,7 +71,11 @@ CREATE TABLE IF NOT EXISTS operators (
 );
 CREATE TABLE IF NOT EXISTS machines (
     name TEXT PRIMARY KEY, url TEXT NOT NULL, labels TEXT NOT NULL, has_token INTEGER NOT NULL,
-    registered_at TEXT NOT NULL, updated_at TEXT NOT NULL
+    registered_at TEXT NOT NULL, updated_at TEXT NOT NULL, owner TEXT, shared_with TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY, principal TEXT NOT NULL, role TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,
+    description TEXT NOT NULL, created_by TEXT NOT NULL, created_at TEXT NOT NULL, revoked_at TEXT
 );
 CREATE TABLE IF NOT EXISTS webhooks (
     id TEXT PRIMARY KEY, url TEXT NOT NULL, types TEXT NOT NULL, runs TEXT NOT NULL, description TEXT NOT NULL,
@@ -80,4 +86,4 @@ CREATE TABLE IF NOT EXISTS webhooks (
 );
 """
 
-VIEW_TABLES = ("runs", "data_units", "steps", "step_attempts", "data_kinds", "operators", "machines", "webhooks")
+VIEW_TABLES = ("runs", "data_units", "steps", "step_attempts", "data_kinds", "operators", "machines", "webhooks", "tokens")

@@ -128,7 +128,7 @@ async def test_history_is_the_audit_trail_in_pages(api: Api) -> None:
     stored = await api.service.store.read(f"{SUBJECT_PREFIX}.run.{run_id}.>")
     assert [(e["sequence"], e["id"], e["type"], e["actor"]) for e in events] == [
         (s.seq, s.envelope.id, s.event.event_type, s.envelope.actor) for s in stored]
-    assert events[0]["type"] == "RunCreated" and events[0]["actor"].startswith("api:")
+    assert events[0]["type"] == "RunCreated" and events[0]["actor"] == "anonymous"
     assert any(e["actor"] == "solver" for e in events if e["type"] == "StepScheduled")
 
 

@@ -1,0 +1,100 @@
+"""The caller of a request, as the handlers see it: who (:func:`principal`), what its events
+carry as ``actor`` (:func:`actor`), and which runs it may see (:func:`visible_run`,
+:func:`owner_filter`). Set by ``api/auth.py``; the rules themselves are
+:mod:`mlynar_events.principals`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from mlynar_events.errors import NotFound
+from mlynar_events.events import RunCreated, RunEvent, StoredEvent
+from mlynar_events.principals import Principal, Role
+from projections import queries
+
+from .context import ctx
+
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+
+
+def principal(request: web.Request) -> Principal:
+    """The caller of an ``Access.API`` route (set by the auth middleware)."""
+    return request[PRINCIPAL]
+
+
+def actor(request: web.Request) -> str:
+    """The ``actor`` of every event this request causes: its principal's name."""
+    found = request.get(PRINCIPAL)
+    return found.name if found is not None else f"api:{request.remote or 'unknown'}"
+
+
+async def _run_owner(request: web.Request, run_id: str) -> tuple[bool, str | None]:
+    """Whether run ``run_id`` exists, and its owner: from the views, or for a run they do not
+    show yet (created on another API replica a moment ago) from the stream's fold of it."""
+    c = ctx(request)
+    exists, owner = await queries.run_owner(c.db, run_id)
+    if not exists:
+        state = await c.runs.get(run_id)
+        exists, owner = state.exists, state.owner
+    return exists, owner
+
+
+ADMIN_AGGREGATES = frozenset({"token", "webhook"})
+"""Events only an admin sees on the event streams (their routes are admin's too)."""
+
+
+def event_visibility(request: web.Request) -> Callable[[StoredEvent], Awaitable[bool]] | None:
+    """What the caller may see of the event stream: ``None`` for an admin (everything); a
+    viewer sees all but tokens and webhooks; a member also sees only its own runs' events."""
+    who = principal(request)
+    if who.is_admin:
+        return None
+    owners: dict[str, bool] = {}  # run id -> the member may see it (learnt once per stream)
+
+    async def visible(stored: StoredEvent) -> bool:
+        event = stored.event
+        if event.aggregate in ADMIN_AGGREGATES:
+            return False
+        if who.role is not Role.MEMBER or not isinstance(event, RunEvent):
+            return True
+        if isinstance(event, RunCreated):
+            owners[event.run_id] = who.owns(event.owner)
+        if event.run_id not in owners:
+            exists, owner = await _run_owner(request, event.run_id)
+            owners[event.run_id] = exists and who.owns(owner)
+        return owners[event.run_id]
+
+    return visible
+
+
+async def visible_run(request: web.Request, run_id: str) -> None:
+    """404 unless the caller may see run ``run_id``: a member sees only its own runs (a run it
+    may not see does not exist for it, so its existence is not revealed either); an admin or a
+    viewer sees every run."""
+    who = principal(request)
+    if who.role is not Role.MEMBER:
+        return
+    exists, owner = await _run_owner(request, run_id)
+    if exists and not who.owns(owner):
+        raise NotFound(f"run {run_id!r} does not exist")
+
+
+async def route_run(request: web.Request) -> str:
+    """The route's ``{run_id}``, normalised, once the caller may see it; 404 for an id that is
+    not a UUID (no run has it) or a run the caller may not see."""
+    text = request.match_info["run_id"]
+    try:
+        run_id = str(uuid.UUID(text))
+    except ValueError:
+        raise NotFound(f"run {text!r} does not exist") from None
+    await visible_run(request, run_id)
+    return run_id
+
+
+def owner_filter(request: web.Request) -> str | None:
+    """The owner a listing is limited to: a member's own name; nobody's for the other roles."""
+    who = principal(request)
+    return who.name if who.role is Role.MEMBER else None
