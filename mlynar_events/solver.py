@@ -27,9 +27,10 @@ from .events import (
     DataUnitAdded, Event, RunCompleted, RunDeleted, RunEvent, RunStarted, RunTerminated,
     RunTerminationRequested, StepInput, StepScheduled, StoredEvent, of_aggregate, subject_filters,
 )
+from . import metrics
 from .registry import Registry
 from .runstate import RunState
-from .store import ConcurrencyConflict, EventStore
+from .store import Appended, ConcurrencyConflict, EventStore
 
 log = logging.getLogger("mlynar.solver")
 
@@ -52,19 +53,22 @@ class SolverRun:
     eligible: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     pending: "OrderedDict[str, tuple[str, InputMap]]" = field(default_factory=OrderedDict)
     awaiting_seq: int = 0  # our own appends not folded back yet: don't decide before they are
+    ready_at: dict[str, float] = field(default_factory=dict)  # pending step id -> time of the event that queued it
 
-    def apply(self, event: Event, seq: int, registry: Registry) -> None:
+    def apply(self, event: Event, seq: int, registry: Registry, at: float = 0.0) -> None:
+        """``at``: the event's time (epoch seconds), when the sets it forms became schedulable."""
         was_started = self.state.started
         self.state.apply(event, seq)
         match event:
             case DataUnitAdded():
                 new_sets = self._add_unit(event, registry)
                 if self.state.started:
-                    self._queue(new_sets)
+                    self._queue(new_sets, at)
             case RunStarted() if not was_started:
-                self._queue(self._all_sets(registry))
+                self._queue(self._all_sets(registry), at)
             case StepScheduled():
                 self.pending.pop(event.step_id, None)
+                self.ready_at.pop(event.step_id, None)
 
     def _add_unit(self, unit: DataUnitAdded, registry: Registry) -> list[tuple[str, InputMap]]:
         sets: list[tuple[str, InputMap]] = []
@@ -113,11 +117,12 @@ class SolverRun:
                 out.append((op, tuple((env, uid) for (env, _), uid in zip(slots, combo))))
         return out
 
-    def _queue(self, sets: list[tuple[str, InputMap]]) -> None:
+    def _queue(self, sets: list[tuple[str, InputMap]], at: float) -> None:
         for op, inputs in sets:
             sid = step_id_for(self.state.run_id, op, inputs)
             if sid not in self.state.steps and sid not in self.pending:
                 self.pending[sid] = (op, inputs)
+                self.ready_at[sid] = at
 
 
 def build_step(run: RunState, registry: Registry, step_id: str, op: str, inputs: InputMap) -> StepScheduled:
@@ -153,6 +158,7 @@ class Solver:
 
     async def run(self) -> None:
         sub = await self.store.subscribe(subject_filters(self.CONSUMES))
+        metrics.INPUT_SETS_WAITING.add(self)
         if sub.start_head == 0:
             self.caught_up.set()
         since_decide = 0
@@ -169,7 +175,18 @@ class Solver:
                         since_decide = 0
                         await self.decide_dirty()
         finally:
+            metrics.INPUT_SETS_WAITING.discard(self)
             await sub.close()
+
+    def waiting_sets(self) -> metrics.Samples:
+        """``mlynar_solver_input_sets_waiting``: the input sets of running runs beyond the free
+        slots of their ``maxParallel`` (read when scraped)."""
+        waiting = 0
+        for run in self.runs.values():
+            s = run.state
+            if run.pending and s.status == "running":
+                waiting += max(0, len(run.pending) - max(0, s.max_parallel - s.active))
+        return [((), float(waiting))]
 
     def fold(self, stored: StoredEvent) -> None:
         event = stored.event
@@ -182,7 +199,7 @@ class Solver:
         run = self.runs.get(event.run_id)
         if run is None:
             run = self.runs[event.run_id] = SolverRun(RunState(event.run_id))
-        run.apply(event, stored.seq, self.registry)
+        run.apply(event, stored.seq, self.registry, stored.time.timestamp())
         self.dirty.add(event.run_id)
 
     async def decide_dirty(self) -> None:
@@ -213,12 +230,13 @@ class Solver:
         s = run.state
         expected = s.version
 
-        async def append(event: Event, msg_id: str) -> None:
+        async def append(event: Event, msg_id: str) -> Appended:
             nonlocal expected
             ack = await self.store.append(event, actor=self.ACTOR, msg_id=msg_id, expected_seq=expected)
             expected = ack.seq
             run.awaiting_seq = max(run.awaiting_seq, ack.seq)
             self.decisions += 1
+            return ack
 
         if s.status == "terminated":
             if not s.terminated_final and s.active == 0:
@@ -240,9 +258,15 @@ class Solver:
             step_id, (op, inputs) = next(iter(run.pending.items()))
             if op not in self.registry.operators:  # deleted since: drop the set
                 run.pending.pop(step_id)
+                run.ready_at.pop(step_id, None)
                 continue
-            await append(build_step(s, self.registry, step_id, op, inputs), f"step:{step_id}")
+            ack = await append(build_step(s, self.registry, step_id, op, inputs), f"step:{step_id}")
             run.pending.pop(step_id)
+            ready = run.ready_at.pop(step_id, None)
+            if not ack.duplicate:  # another replica's decision is its own to count
+                metrics.STEPS_SCHEDULED.labels(op).inc()
+                if ready:
+                    metrics.SCHEDULING_LATENCY.labels(op).observe(max(0.0, time.time() - ready))
             scheduled += 1
         if scheduled:
             log.info("scheduled steps", extra={"run_id": s.run_id, "count": scheduled,

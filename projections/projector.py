@@ -22,6 +22,7 @@ from typing import Awaitable, Callable
 
 import aiosqlite
 
+from mlynar_events import metrics
 from mlynar_events.events import CATALOGUE, StoredEvent, subject_filters
 from mlynar_events.store import EventStore, Subscription
 
@@ -138,15 +139,27 @@ class Projector:
         async with self._advanced:  # a waiter from before the checkpoint was read sees it now
             self.position = start
             self._advanced.notify_all()
+        metrics.PROJECTOR_POSITION.set(start)
         sub = await self.store.subscribe(subject_filters(self.CONSUMES), self.position + 1)
+        unhook = metrics.on_scrape(self._report_lag)
         try:
             await follow(sub, self._commit, BATCH)
         finally:
+            unhook()
             await sub.close()
+
+    async def _report_lag(self) -> None:
+        """When scraped: the stream's head and how far the checkpoint is behind it (a stuck
+        projector's lag grows, which a value kept by the projector itself would not show)."""
+        head = await self.store.last_seq()
+        metrics.STREAM_HEAD.set(head)
+        metrics.PROJECTOR_LAG.set(max(0, head - self.position))
 
     async def _commit(self, batch: list[StoredEvent], last_seq: int) -> None:
         """The batch in one hop to aiosqlite's thread (the event loop keeps serving the API)."""
         await in_db_thread(self.db, lambda conn: apply_batch(conn, batch, last_seq))
+        metrics.PROJECTOR_EVENTS.inc(len(batch))
+        metrics.PROJECTOR_POSITION.set(last_seq)
         async with self._advanced:
             self.position = last_seq
             self._advanced.notify_all()
