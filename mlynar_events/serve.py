@@ -153,6 +153,7 @@ class Service:
         self.settings = settings
         self.store: EventStore | None = None
         self.api_url: str | None = None
+        self.metrics_url: str | None = None  # --metrics-port's /metrics, when served
         self.nats: EmbeddedNats | None = None
         self.failed = asyncio.Event()
         self.failure: str | None = None  # why, once ``failed`` is set
@@ -210,7 +211,10 @@ class Service:
             await self._start_crd_sync(store)
         if "webhooks" in roles:
             await self._start_webhooks(store, secrets)
-        log.info("mlynar serving", extra={"roles": ",".join(sorted(roles)), "nats": url, "api": self.api_url})
+        if s.metrics.port:
+            await self._start_metrics()
+        log.info("mlynar serving", extra={"roles": ",".join(sorted(roles)), "nats": url, "api": self.api_url,
+                                            "metrics": self.metrics_url})
 
     async def _host(self, name: str, role: Role) -> None:
         await self._stack.enter_async_context(hosted(name, role, self._crashed))
@@ -329,6 +333,19 @@ class Service:
 
         await self._host("webhooks", WebhookDispatcher(store, secrets, self.settings.webhook,
                                                        allow_private=private_targets_allowed(self.settings.api)))
+
+    async def _start_metrics(self) -> None:
+        """``/metrics`` on ``--metrics-host:--metrics-port`` (every role of this process shares the
+        one registry, :mod:`mlynar_events.metrics`)."""
+        from .metrics import start_server
+
+        m = self.settings.metrics
+        try:
+            runner = await start_server(m.host, m.port)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-port {m.port}: cannot listen on {m.host}: {exc.strerror or exc}") from None
+        self._on_stop(runner.cleanup)
+        self.metrics_url = f"http://{m.host}:{m.port}/metrics"
 
     async def _start_crd_sync(self, store: EventStore) -> None:
         from executors.kubernetes.crd_sync import CrdSync
