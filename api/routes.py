@@ -17,6 +17,7 @@ from mlynar_events.webhooks import DeliveryAttempt
 
 from . import events, lineage, machines, registry, returns, runs, tokens, ui, webhooks
 from .context import ctx
+from .metrics import metrics_page
 from .models import (
     Declared, Deleted, DataKindOut, DataUnitOut, Health, MachineCheck, MachineIn, MachineOut,
     MachineUpdate, OperatorOut, RunOut, RunSummary,
@@ -91,6 +92,7 @@ ROUTES: list[Route] = [
     Route("GET", "/healthz", healthz, "Liveness and the projection's position", response=Health,
           access=Access.PUBLIC),
     Route("GET", "/api/openapi.json", openapi, "This document", access=Access.PUBLIC),
+    Route("GET", "/metrics", metrics_page, "This process's metrics in the Prometheus text format (docs/METRICS.md)"),
     # the web view's static shell holds no data (its data calls are ordinary API calls with the token)
     Route("GET", "/ui", ui.ui_redirect, "The web view (redirects to /ui/)", access=Access.PUBLIC),
     Route("GET", "/ui/", ui.ui_index, "The web view's page", access=Access.PUBLIC),
