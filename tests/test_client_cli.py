@@ -403,3 +403,27 @@ def test_lists_as_json(api: dict[str, str], applied: dict[str, str]) -> None:
     assert {"sum", "length", "average", "fail"} <= {o["metadata"]["name"] for o in json.loads(ops.stdout)}
     machines = cli(api, "get", "machines")
     assert machines.returncode == 0 and re.search(r"^local +http://127\.0\.0\.1:\d+", machines.stdout, re.M)
+
+
+def test_tokens_create_list_revoke(api: dict[str, str], applied: dict[str, str]) -> None:
+    """An admin gives alice a member token with the CLI; alice works with it, cannot declare
+    operators, and is refused once it is revoked."""
+    created = cli(api, "tokens", "create", "alice", "--role", "member", "--description", "laptop")
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip().splitlines()[-1]
+    assert token.startswith("mlt_")
+    listed = json.loads(cli(api, "tokens", "list", "-o", "json").stdout)
+    mine = [t for t in listed if t["principal"] == "alice"]
+    assert len(mine) == 1 and mine[0]["role"] == "member" and token not in json.dumps(listed)
+    table = cli(api, "tokens", "list").stdout
+    assert re.search(rf"^{mine[0]['id']} +alice +member +laptop +admin", table, re.M), table
+
+    as_alice = {"MLYNAR_TOKEN": token, "MLYNAR_TOKEN_FILE": None}
+    assert cli(api, "get", "runs", **as_alice).returncode == 0
+    refused = cli(api, "apply", "-f", str(EXAMPLES), **as_alice)
+    assert "it needs the admin role" in refused.stderr, refused.stderr
+
+    revoked = cli(api, "tokens", "revoke", mine[0]["id"])
+    assert revoked.returncode == 0 and "revoked" in revoked.stdout
+    after = cli(api, "get", "runs", **as_alice)
+    assert one_line_error(after) == "mlynar: invalid bearer token (HTTP 403)"
