@@ -62,6 +62,11 @@ def _index(root: Path) -> dict[str, Asset]:
 
 
 ASSETS = _index(UI_DIR)
+FILE_NAMES = sorted(n for n in ASSETS if "/" not in n)
+"""What ``/ui/{name}`` serves."""
+VENDOR_NAMES = sorted(n.removeprefix("vendor/") for n in ASSETS if n.startswith("vendor/") and n.count("/") == 1)
+"""What ``/ui/vendor/{name}`` serves."""
+MEDIA_TYPES = tuple(sorted({t.split(";")[0] for t in CONTENT_TYPES.values()}))
 
 
 def _serve(name: str) -> web.Response:
@@ -86,3 +91,10 @@ async def ui_file(request: web.Request) -> web.Response:
 
 async def ui_vendor_file(request: web.Request) -> web.Response:
     return _serve("vendor/" + request.match_info["name"])
+
+
+async def swagger_page(request: web.Request) -> web.Response:
+    """``/api``: Swagger UI (vendored, ``vendor/swagger-ui-*``) on ``/api-json``, where the
+    original Mlynar (NestJS) has its. Public like the document it shows; trying a call out needs
+    the token (its Authorize button)."""
+    return _serve("swagger.html")
