@@ -1,10 +1,13 @@
 """Fixtures of the fault suite: a real three-node nats-server cluster on loopback (JetStream, the
 ``MLYNAR`` stream at R3) that a test can SIGKILL and restart node by node, and event stores
 connected to it. Reusable by any fault scenario: ``cluster`` for the servers, ``cluster_store``
-for a connected store (stream created at R3)."""
+for a connected store (stream created at R3); ``recovery`` records a scenario's measured
+recovery time and ledger counts, listed at the end of the session and written to
+``$MLYNAR_FAULTS_ARTIFACTS/recovery.json`` when that variable names a directory."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -160,6 +163,42 @@ async def cluster_stores(cluster: NatsCluster) -> AsyncIterator[Callable[..., Aw
 @pytest.fixture
 async def cluster_store(cluster_stores: Callable[..., Awaitable[EventStore]]) -> EventStore:
     return await cluster_stores()
+
+
+# ---- recovery times, measured by the scenarios -------------------------------------------------
+
+
+RECOVERIES: list[dict[str, object]] = []
+
+
+class Recovery:
+    def __init__(self, test: str) -> None:
+        self.test = test
+
+    def record(self, scenario: str, seconds: float, *, what: str, **counts: object) -> None:
+        """``seconds`` from the fault to ``what`` (e.g. "the run complete"); ``counts`` such as
+        executions and input sets from the ledger."""
+        RECOVERIES.append({"test": self.test, "scenario": scenario, "seconds": round(seconds, 2), "what": what,
+                           **counts})
+
+
+@pytest.fixture
+def recovery(request: pytest.FixtureRequest) -> Recovery:
+    return Recovery(request.node.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    if not RECOVERIES:
+        return
+    terminalreporter.section("fault scenarios: measured recovery")
+    for r in RECOVERIES:
+        counts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("test", "scenario", "seconds", "what"))
+        terminalreporter.write_line(f"{r['scenario']}: {r['seconds']:.2f} s to {r['what']}" + (f"; {counts}" if counts else ""))
+    out = os.environ.get("MLYNAR_FAULTS_ARTIFACTS")
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "recovery.json").write_text(json.dumps(RECOVERIES, indent=2) + "\n")
+        terminalreporter.write_line(f"written to {Path(out) / 'recovery.json'}")
 
 
 # ---- a small disk of its own ---------------------------------------------------------------------
