@@ -17,9 +17,19 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 from mlynar_events.events import StepScheduled
+
+
+class AttemptSuperseded(Exception):
+    """Raised by a backend that found nothing to attach to and was told by
+    :meth:`Attempt.check_open` that the attempt's end is recorded already: another executor
+    (a redelivery) finished and released it. Creating it now would run the operator again."""
+
+
+async def _always_open() -> bool:
+    return True
 
 
 @dataclass
@@ -29,6 +39,17 @@ class Attempt:
     external_id: str
     workdir: Path  # private scratch space of this attempt on the executor's disk
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    is_open: Callable[[], Awaitable[bool]] = field(default=_always_open, repr=False)
+    """A fresh read of the run: neither the step's outcome nor this attempt's end is recorded."""
+
+    async def check_open(self) -> None:
+        """Called by a backend right before it creates the attempt where it runs (agent PUT, Job),
+        having found nothing there to attach to. Nothing is there either when another executor
+        holding the same step (a redelivery while it lived) appended the outcome and released
+        the attempt after this executor read the run: a release only follows a recorded
+        outcome, so reading the run after finding nothing tells the two apart."""
+        if not await self.is_open():
+            raise AttemptSuperseded(f"attempt {self.attempt} of step {self.step.step_id} ended elsewhere")
 
 
 @dataclass
@@ -50,6 +71,9 @@ class AttemptResult:
     """The attempt ended because of the infrastructure, not the operator: the agent restarted or
     could not be reached, the blob store could not be read or written, the Kubernetes API failed.
     Retried up to the executor's own cap without using the operator's ``retries``."""
+    superseded: bool = False
+    """Nothing was created: the attempt ended elsewhere (:class:`AttemptSuperseded`); the worker
+    decides again from the run's recorded state."""
 
 
 class BackendError(Exception):

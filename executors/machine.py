@@ -197,6 +197,7 @@ class MachineBackend:
             log.info("attempt exists on the agent; attaching",
                      extra={"run_id": step.run_id, "step_id": step.step_id, "external_id": sid, "state": existing.state})
             return existing
+        await a.check_open()  # not released after its outcome by another executor meanwhile
         inputs_dir = a.workdir / "inputs"
         inputs = {}
         for i, inp in enumerate(step.inputs):

@@ -14,9 +14,19 @@ executor, runs each step's attempts on its backend and appends what happened.
   is retried up to ``infra_retries`` without using them, and its ``StepAttemptFailed`` /
   ``StepFailed`` says ``infrastructure=true``; an executor that died is no failure at all (its
   step is redelivered and re-attached);
-* ``in_progress`` heartbeats keep a long step from being redelivered while its executor lives;
-  the consumer's ack-wait is the deployment's, set by whoever created the consumer (or
-  ``update_consumer``), never silently changed by a late starter;
+* a dead executor's steps are taken over within about the ack-wait (5 s by default): one ticker
+  sends ``in_progress`` for every step held, every third of the ack-wait, so a live executor's
+  long step is never redelivered — two beats in a row may be lost (a slow reconnect, an event
+  loop stalled by up to two thirds of the ack-wait; a late beat is logged) before it is. The
+  ticker never waits for a backend or a step and nothing the worker does blocks the loop for
+  long (file removals run in a thread). A redelivery to a live executor's step anyway is safe:
+  it re-attaches to the attempt that exists, and a backend that finds nothing to attach to
+  creates it only after a fresh read of the run (``Attempt.check_open``), since a release
+  follows a recorded outcome;
+* the consumer's ack-wait is the deployment's, set by whoever created the consumer (or
+  ``update_consumer``), never silently changed by a late starter; every executor follows a
+  change of it within ``ACK_WAIT_CHECK`` seconds (and beats by the smaller of its own and the
+  consumer's), so lowering it never has a live executor's steps redelivered;
 * retries with exponential backoff and jitter; ``spec.timeoutSeconds`` is enforced by the
   backend (the agent kills the process group, Kubernetes the Job);
 * cancellation follows ``RunTerminationRequested(cancel=true)`` on the stream.
@@ -48,7 +58,7 @@ from mlynar_events.runstate import RunState, RunStateCache
 from mlynar_events.store import EventStore, decode, is_transient, retrying
 from mlynar_events.tasks import cancel_and_wait
 
-from .backend import Attempt, AttemptResult, Backend
+from .backend import Attempt, AttemptResult, AttemptSuperseded, Backend
 from .metrics import StepMetrics
 
 log = logging.getLogger("mlynar.executor")
@@ -57,6 +67,7 @@ T = TypeVar("T")
 DURABLE = "executors"
 CONSUMER_EXISTS = 10148  # JSConsumerAlreadyExists: created by another executor with another config
 OUTPUT_NAMESPACE = uuid.UUID("5b0f1f6e-8f5e-4a7a-9a43-6d1f8e0c2a11")
+ACK_WAIT_CHECK = 10.0  # seconds between reads of the shared consumer's ack-wait
 
 
 def output_unit_id(step_id: str, index: int) -> str:
@@ -82,7 +93,7 @@ class StepWorker:
         backends: dict[str, Backend],
         *,
         concurrency: int = 16,
-        ack_wait: float = 30.0,
+        ack_wait: float = 5.0,
         retry_base: float = 1.0,
         workdir: Path | None = None,
         name: str | None = None,
@@ -95,6 +106,7 @@ class StepWorker:
         self.backends = backends  # "machine" / "kubernetes"
         self.concurrency = concurrency
         self.ack_wait = ack_wait  # the consumer's, once ensure_consumer has run
+        self.configured_ack_wait = ack_wait  # this executor's own setting
         self.retry_base = retry_base
         self.workdir = workdir or Path(tempfile.gettempdir()) / "mlynar-executor"
         self.name = name or f"executor:{socket.gethostname()}:{uuid.uuid4().hex[:6]}"
@@ -102,6 +114,8 @@ class StepWorker:
         self.outcome_retry_for = outcome_retry_for  # seconds an attempt's outcome writes are retried
         self.update_consumer = update_consumer  # True: this executor's ack_wait replaces the consumer's
         self.running: dict[str, Attempt] = {}  # step_id -> current attempt
+        self.held: dict[int, Any] = {}  # the messages being handled, beaten by one ticker
+        self.heartbeat_late_max = 0.0  # seconds the ticker woke up late, at worst (a busy loop)
         self.active = 0  # messages being handled
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -159,6 +173,8 @@ class StepWorker:
         await self.ensure_consumer()
         self.workdir.mkdir(parents=True, exist_ok=True)
         cancels = asyncio.create_task(self._follow_cancellations(), name="executor-cancellations")
+        beats = [asyncio.create_task(self._heartbeats(), name="executor-heartbeats"),
+                 asyncio.create_task(self._follow_ack_wait(), name="executor-ack-wait")]
         psub = await self.store.js.pull_subscribe_bind(DURABLE, stream=STREAM)
         log.info("executor started", extra={"executor": self.name, "concurrency": self.concurrency})
         try:
@@ -192,9 +208,10 @@ class StepWorker:
             with contextlib.suppress(Exception):  # the connection may be draining already
                 await psub.unsubscribe()
             await cancel_and_wait([cancels, *self._tasks])
+            await cancel_and_wait(beats)
 
     async def _handle(self, msg) -> None:  # type: ignore[no-untyped-def]
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        self.held[id(msg)] = msg
         try:
             stored = decode(msg)
             if stored is not None and isinstance(stored.event, StepScheduled):
@@ -215,17 +232,50 @@ class StepWorker:
             except Exception:
                 pass
         finally:
-            heartbeat.cancel()
+            self.held.pop(id(msg), None)
             self.active -= 1
             self._slot_freed.set()
 
-    async def _heartbeat(self, msg) -> None:  # type: ignore[no-untyped-def]
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(min(self.ack_wait, self.configured_ack_wait) / 3, 0.2)
+
+    async def _heartbeats(self) -> None:
+        """``in_progress`` for every held step, every third of the ack-wait: one ticker, so a
+        step's backend call or a slow append never delays its beat. It measures how late it
+        wakes up: a loop blocked for longer than a beat is logged (two thirds of the ack-wait
+        and the steps held would be redelivered, and re-attached elsewhere)."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(max(self.ack_wait / 3, 0.2))
+            interval = self.heartbeat_interval
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            late = loop.time() - due
+            self.heartbeat_late_max = max(self.heartbeat_late_max, late)
+            if late > interval and self.held:
+                log.warning("heartbeats were late: the executor's event loop was busy",
+                            extra={"executor": self.name, "late": round(late, 2), "ack_wait": self.ack_wait,
+                                   "held": len(self.held)})
+            for msg in list(self.held.values()):
+                try:
+                    await msg.in_progress()  # a publish: buffered while reconnecting, never awaited
+                except Exception:  # noqa: BLE001 - closed connection: the next beat or the redelivery
+                    pass
+
+    async def _follow_ack_wait(self) -> None:
+        """Follow the shared consumer's ack-wait, so that lowering it (``update_consumer`` on
+        another executor) shortens this executor's beats too."""
+        while True:
+            await asyncio.sleep(ACK_WAIT_CHECK)
             try:
-                await msg.in_progress()
-            except Exception:
-                pass
+                info = await self.store.js.consumer_info(STREAM, DURABLE)
+            except Exception:  # noqa: BLE001 - a leader change, a reconnect: read it next time
+                continue
+            current = float(info.config.ack_wait or self.ack_wait)
+            if abs(current - self.ack_wait) > 1e-6:
+                log.info("the shared consumer's ack-wait changed; beating by it",
+                         extra={"executor": self.name, "ack_wait": current, "was": self.ack_wait})
+                self.ack_wait = current
 
     async def _follow_cancellations(self) -> None:
         sub = await self.store.subscribe(subject_filters(self.CANCELS),
@@ -303,12 +353,15 @@ class StepWorker:
                 if now.steps[step.step_id].finished:  # another executor (a redelivery) ended it
                     log.info("step finished elsewhere meanwhile", extra={**ctx, "attempt": attempt_no})
                     return
+                if result.superseded:  # this attempt ended elsewhere; another is due or running
+                    log.info("attempt ended elsewhere; deciding again", extra={**ctx, "attempt": attempt_no})
+                    return await self.execute(step)
                 deadline = asyncio.get_running_loop().time() + self.outcome_retry_for
                 logs = await self._store_logs(step, attempt_no, result, deadline)
                 if result.ok:
                     result = await self._outputs(step, attempt_no, result, logs, deadline)
             finally:
-                shutil.rmtree(attempt.workdir, ignore_errors=True)
+                await asyncio.to_thread(shutil.rmtree, attempt.workdir, True)
             if result.ok:
                 await self._release(backend, attempt, failed=False)
                 return
@@ -347,7 +400,17 @@ class StepWorker:
 
     def _attempt_of(self, backend: Backend, step: StepScheduled, attempt_no: int) -> Attempt:
         external_id = backend.external_id(step, attempt_no)
-        return Attempt(step, attempt_no, external_id, self.workdir / external_id)
+        return Attempt(step, attempt_no, external_id, self.workdir / external_id,
+                       is_open=lambda: self._attempt_open(step, attempt_no))
+
+    async def _attempt_open(self, step: StepScheduled, attempt_no: int) -> bool:
+        """Neither the step's outcome nor the end of its attempt ``attempt_no`` is recorded (a
+        fresh read: every append acknowledged before it is seen)."""
+        state = await self._run_state(step.run_id)
+        current = state.steps.get(step.step_id)
+        if not state.exists or current is None or current.finished:
+            return False
+        return current.attempt < attempt_no or (current.attempt == attempt_no and not current.attempt_ended)
 
     async def _release(self, backend: Backend, attempt: Attempt, *, failed: bool) -> None:
         """After the attempt's outcome is appended (never before: see :mod:`.backend`)."""
@@ -366,11 +429,16 @@ class StepWorker:
         log.info("re-attaching step" if reattach else "starting step",
                  extra={"run_id": step.run_id, "step_id": step.step_id, "attempt": attempt.attempt,
                         "external_id": attempt.external_id})
-        shutil.rmtree(attempt.workdir, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, attempt.workdir, True)
         attempt.workdir.mkdir(parents=True)
         self.running[step.step_id] = attempt
         try:
             return await backend.run(attempt)
+        except AttemptSuperseded as exc:
+            log.info("nothing to attach to and the attempt ended elsewhere; not creating it",
+                     extra={"run_id": step.run_id, "step_id": step.step_id, "attempt": attempt.attempt,
+                            "reason": str(exc)})
+            return AttemptResult(ok=False, superseded=True, error=str(exc))
         except Exception as exc:  # a backend bug or an unexpected answer: fail the attempt, keep the worker
             log.exception("backend error", extra={"step_id": step.step_id})
             return AttemptResult(ok=False, error=f"{type(exc).__name__}: {exc}")

@@ -280,7 +280,7 @@ class ServeSettings(BaseModel):
     max_parallel: int = Field(8, description="default per-run limit of concurrently running steps")
     max_steps_per_run: int = Field(10_000, description="a run that would schedule more steps is terminated")
     executor_concurrency: int = Field(16, description="steps one executor process runs at once")
-    executor_ack_wait: float = Field(30.0, description="seconds without a heartbeat before a step of a dead executor is redelivered")
+    executor_ack_wait: float = Field(5.0, gt=0, description="seconds without a heartbeat before a step of a dead executor is redelivered (heartbeats every third of it); a new shared consumer gets it, an existing one keeps its own unless --executor-update-consumer")
     executor_infra_retries: int = Field(3, ge=0, description="attempts lost to the infrastructure (agent gone or restarted, blob store failing) retried beyond the operator's own retries")
     executor_outcome_retry_for: float = Field(60.0, gt=0, description="seconds storing an attempt's outputs is retried (a full or read-only blob disk) before the attempt counts as lost")
     executor_update_consumer: bool = Field(False, description="make the shared step consumer take this executor's --executor-ack-wait (otherwise the existing consumer's is used, with a warning)")

@@ -192,6 +192,7 @@ class KubernetesBackend:
             return AttemptResult(ok=False, retryable=False,
                                  error=f"a Job named {names.job} exists in namespace {ns} that mlynar did not create for this step")
         if job is None and not a.cancelled.is_set():
+            await a.check_open()  # not released after its outcome by another executor meanwhile
             await self._stop_previous(a)
             created = await self._create(a, names)
             log.info("step job created" if created else "step job exists; re-attaching", extra=ctx)
