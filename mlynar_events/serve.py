@@ -129,8 +129,9 @@ def secrets_cipher(settings: ServeSettings) -> SecretCipher | None:
 
 
 async def report_stream_replicas(store: EventStore, wanted: int) -> None:
-    """Say so when the existing stream's replica count is not ``--stream-replicas`` (JetStream
-    keeps what the stream was created with unless it is updated on purpose)."""
+    """Say so when the stream's replica count is not ``--stream-replicas`` after the store tried
+    to raise it (``EventStore.ensure_stream``): too few nodes to raise it, or more than asked
+    (never lowered by a process)."""
     try:
         info = await store.js.stream_info(STREAM)
     except Exception as exc:  # noqa: BLE001 - a report, not a precondition
@@ -138,8 +139,9 @@ async def report_stream_replicas(store: EventStore, wanted: int) -> None:
         return
     actual = info.config.num_replicas or 1
     if actual != wanted:
-        log.warning(f"stream {STREAM} has {actual} replica(s) but --stream-replicas is {wanted}: the existing "
-                    f"stream keeps {actual}; change it with 'nats stream edit {STREAM} --replicas {wanted}' "
+        why = ("the cluster could not place more (too few nodes, or a single server)" if actual < wanted else
+               f"a process never lowers it; lower it on purpose with 'nats stream edit {STREAM} --replicas {wanted}'")
+        log.warning(f"stream {STREAM} has {actual} replica(s) but --stream-replicas is {wanted}: {why} "
                     "(or pass the stream's own count)",
                     extra={"stream": STREAM, "replicas": actual, "wanted": wanted})
 

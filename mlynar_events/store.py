@@ -168,7 +168,11 @@ class EventStore:
         )
 
     async def ensure_stream(self) -> None:
-        """Create the stream, or bring an existing one's settings up to date (idempotent)."""
+        """Create the stream, or bring an existing one's settings up to date (idempotent). Its
+        replica count is raised to ``replicas`` (JetStream copies the stream to the new peers);
+        one the cluster cannot place (too few nodes, a single server) is logged and the stream
+        keeps its count. It is never lowered: a process started with fewer (the default 1) must
+        not take an R3 stream's copies away."""
         config = self.stream_config()
         try:
             info = await retrying(lambda: self.js.stream_info(STREAM), "stream info", self.retry_for)
@@ -181,9 +185,22 @@ class EventStore:
                     raise
                 info = await retrying(lambda: self.js.stream_info(STREAM), "stream info", self.retry_for)
         current = info.config
-        if (current.duplicate_window, current.subjects, current.allow_direct) != (
-            config.duplicate_window, config.subjects, config.allow_direct
-        ):
+        have = current.num_replicas or 1
+        config.num_replicas = max(have, self.replicas)
+        settings = (config.duplicate_window, config.subjects, config.allow_direct)
+        if config.num_replicas != have:
+            try:
+                await retrying(lambda: self.js.update_stream(config), "update stream", self.retry_for)
+                log.info(f"stream {STREAM} raised from {have} to {config.num_replicas} replicas",
+                         extra={"stream": STREAM, "replicas": config.num_replicas, "was": have})
+                return
+            except APIError as exc:
+                log.warning(f"stream {STREAM} cannot have {config.num_replicas} replicas here; it keeps {have}: "
+                            f"{exc.description or exc}",
+                            extra={"stream": STREAM, "replicas": have, "wanted": config.num_replicas,
+                                   "error": exc.description or str(exc)})
+                config.num_replicas = have
+        if (current.duplicate_window, current.subjects, current.allow_direct) != settings:
             await self.js.update_stream(config)
 
     # ---- writing ----------------------------------------------------------------------------
