@@ -12,7 +12,7 @@ import logging
 import re
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from pydantic import ValidationError
 
 from mlynar_events.errors import CommandError
@@ -62,7 +62,10 @@ async def errors_middleware(request: web.Request, handler):  # type: ignore[no-u
             raise
         if exc.content_type == "application/json":
             raise
-        return error(exc.status, exc.reason, None)
+        response = error(exc.status, exc.reason, None)
+        if hdrs.ALLOW in exc.headers:  # a 405 says which methods the resource has (RFC 9110)
+            response.headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+        return response
     except ConnectionError:
         if request.transport is not None and not request.transport.is_closing():
             log.exception("unhandled error", extra={"method": request.method, "path": request.path})
@@ -96,6 +99,10 @@ def _is_json_type(content_type: str) -> bool:
                                                     and content_type.endswith("+json"))
 
 
+_JSON_TYPES = {type(None): "null", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean"}
+
+
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -127,7 +134,8 @@ async def json_body(request: web.Request, *, required: bool = True) -> Any:
     The one reader of JSON bodies: the whole body up to ``--max-json-bytes`` whatever the
     transfer encoding (413 above it, chunked or not), on the body clock (408 when it trickles);
     a JSON content type when there is a body (403 otherwise: that is what a cross-site page can
-    send, see ``api/door.py``); syntax, depth and Unicode checked (400)."""
+    send, see ``api/door.py``); syntax, depth and Unicode checked (400); an object, as every
+    route's schema says (400 for ``null``, a list, a number or a string)."""
     from .body import BodyClock
     from .context import ctx
 
@@ -155,6 +163,8 @@ async def json_body(request: web.Request, *, required: bool = True) -> Any:
     except RecursionError:
         raise BadRequest(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     check_json_value(value)
+    if not isinstance(value, dict):
+        raise BadRequest(f"the JSON body must be an object, not {_JSON_TYPES.get(type(value), 'a value')}")
     return value
 
 

@@ -398,7 +398,9 @@ async def run_at(request: web.Request) -> web.Response:
     c = ctx(request)
     run_id = await route_run(request)
     head = await c.store.last_seq()
-    at = _int_query(request, "at", head, 1, max(head, 1))
+    at = _int_query(request, "at", head, 1, 2**63 - 1)
+    if at > head:
+        raise NotFound(f"the stream has no event {at} yet (its last is {head})", {"head": head})
     body = await run_body_at(c.store, run_id, at, base_url(request, c))
     if body is None:
         raise NotFound(f"run {run_id!r} did not exist at sequence {at}")

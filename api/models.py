@@ -6,13 +6,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
-from mlynar_events.names import check_dns1123_label
+from mlynar_events.names import NAME_JSON_SCHEMA, check_dns1123_label
+from mlynar_events.runs import ParamIn
 
 from .hosts import parse_host
 
-Name = Annotated[str, AfterValidator(check_dns1123_label)]
+Name = Annotated[str, AfterValidator(check_dns1123_label), WithJsonSchema(NAME_JSON_SCHEMA)]
 
 
 _AGENT_URL = re.compile(r"^(?P<scheme>https?)://(?P<netloc>[^/?#@\\\s]+)(?P<path>/[A-Za-z0-9._~!$&'()*+,;=:%/-]*)?$")
@@ -30,7 +31,13 @@ def check_agent_url(v: str) -> str:
     return v.rstrip("/")
 
 
-AgentUrl = Annotated[str, AfterValidator(check_agent_url)]
+AGENT_URL_SCHEMA = {
+    "type": "string", "maxLength": 2048,
+    # what check_agent_url accepts, less IPv6 literals and ports above 59999 (a pattern cannot check those)
+    "pattern": r"^https?://[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?(:([1-9][0-9]{0,3}|[1-5][0-9]{4}))?"
+               r"(/[A-Za-z0-9._~!$&'()*+,;=:%/-]*)?$",
+}
+AgentUrl = Annotated[str, AfterValidator(check_agent_url), WithJsonSchema(AGENT_URL_SCHEMA)]
 
 
 class Model(BaseModel):
@@ -204,3 +211,38 @@ class Health(Model):
     nats: str = Field(description="connected or disconnected")
     head: int | None = Field(None, description="the stream's last sequence (null when NATS is unreachable)")
     lag: int | None = Field(None, description="events the projection is behind the head")
+
+
+ParamPool = dict[str, list[ParamIn] | dict[str, str | int | float | bool | None]]
+"""``POST /api/run/{id}/run``: per operator, Mlynar's ``[{name, value, defaultValue}]`` (what
+``/params`` answers, with values) or ``{name: value}``. Operators and parameters must exist."""
+
+
+class RunDeletedOut(Model):
+    id: str
+    deleted: bool = True
+
+
+class AttemptOut(Model):
+    """One finished attempt of a step."""
+
+    step_id: str
+    attempt: int
+    outcome: str
+    error: str | None = None
+    logs_blob: str | None = None
+    at: str
+
+
+class StepWithAttempts(StepOut):
+    attempts: list[AttemptOut]
+
+
+class ReturnedOutput(Model):
+    """A Kubernetes step's returned output, as recorded."""
+
+    index: int
+    dataKind: str
+    size: int
+    sha256: str
+    filename: str

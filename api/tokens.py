@@ -16,7 +16,8 @@ from pydantic import ConfigDict, Field
 
 from mlynar_events.errors import NotFound
 from mlynar_events.events import TokenCreated, TokenRevoked
-from mlynar_events.principals import check_principal_name, new_token, new_token_id, token_digest
+from mlynar_events.names import DNS1123_LABEL
+from mlynar_events.principals import ANONYMOUS, BOOTSTRAP_ADMIN, check_principal_name, new_token, new_token_id, token_digest
 from projections import token_views
 
 from .context import ctx
@@ -25,13 +26,15 @@ from .models import Model
 from .principal import actor
 
 _ID = re.compile(r"^tok-[0-9a-f]{12}$")
+RESERVED_NAMES = sorted({BOOTSTRAP_ADMIN.name, ANONYMOUS.name})
 
 
 class TokenIn(Model):
     """``POST /api/tokens``."""
 
     model_config = ConfigDict(extra="forbid")
-    principal: str = Field(max_length=63, description="who the token is for (a DNS-1123 label)")
+    principal: str = Field(max_length=63, description="who the token is for (a DNS-1123 label)",
+                           json_schema_extra={"pattern": DNS1123_LABEL.pattern, "not": {"enum": RESERVED_NAMES}})
     role: Literal["admin", "member", "viewer"]
     description: str = Field("", max_length=1000)
 

@@ -7,6 +7,8 @@ import re
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 MAX_LABEL = 63
+NAME_JSON_SCHEMA = {"type": "string", "pattern": DNS1123_LABEL.pattern, "maxLength": MAX_LABEL}
+"""The rule as a JSON schema (the OpenAPI document's names)."""
 
 
 def is_dns1123_label(name: str) -> bool:

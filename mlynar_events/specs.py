@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Annotated, Any, Iterable
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, model_validator
 
-from .names import check_dns1123_label
+from .names import NAME_JSON_SCHEMA, check_dns1123_label
 
 log = logging.getLogger("mlynar.specs")
 
-Name = Annotated[str, AfterValidator(check_dns1123_label)]
+Name = Annotated[str, AfterValidator(check_dns1123_label), WithJsonSchema(NAME_JSON_SCHEMA)]
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 API_VERSION = "mlynar.dev/v1alpha1"
 API_GROUP = API_VERSION.split("/", 1)[0]
@@ -30,7 +30,8 @@ def _env_name(name: str) -> str:
     return name
 
 
-EnvName = Annotated[str, AfterValidator(_env_name)]
+EnvName = Annotated[str, AfterValidator(_env_name), WithJsonSchema(
+    {"type": "string", "pattern": ENV_NAME.pattern, "not": {"const": "MLYNAR_OUTPUT_DIR"}})]
 
 
 class Spec(BaseModel):
@@ -62,6 +63,13 @@ class Resources(Spec):
 
 
 class OperatorSpec(Spec):
+    # the JSON schema says what _check demands (but not that fileLocationEnv values differ)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"anyOf": [
+        {"required": ["machine", "command"],
+         "properties": {"machine": {"type": "string"}, "command": {"type": "array", "minItems": 1}}},
+        {"required": ["image"],
+         "properties": {"machine": {"type": "null"}, "image": {"type": "string", "minLength": 1}}},
+    ]})
     image: str | None = None
     args: list[str] = Field(default_factory=list)
     inputs: list[OperatorInput] = Field(default_factory=list)
@@ -98,16 +106,16 @@ class Metadata(BaseModel):
 
 class DataKindDocument(BaseModel):
     model_config = ConfigDict(extra="allow")
-    apiVersion: str = API_VERSION
-    kind: str = "DataKind"
+    apiVersion: str = Field(API_VERSION, json_schema_extra={"const": API_VERSION})
+    kind: str = Field("DataKind", json_schema_extra={"const": "DataKind"})
     metadata: Metadata
     spec: DataKindSpec = Field(default_factory=DataKindSpec)
 
 
 class OperatorDocument(BaseModel):
     model_config = ConfigDict(extra="allow")
-    apiVersion: str = API_VERSION
-    kind: str = "Operator"
+    apiVersion: str = Field(API_VERSION, json_schema_extra={"const": API_VERSION})
+    kind: str = Field("Operator", json_schema_extra={"const": "Operator"})
     metadata: Metadata
     spec: OperatorSpec
 
