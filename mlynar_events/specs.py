@@ -64,12 +64,11 @@ class Resources(Spec):
 
 class OperatorSpec(Spec):
     # the JSON schema says what _check demands (but not that fileLocationEnv values differ)
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"anyOf": [
-        {"required": ["machine", "command"],
-         "properties": {"machine": {"type": "string"}, "command": {"type": "array", "minItems": 1}}},
-        {"required": ["image"],
-         "properties": {"machine": {"type": "null"}, "image": {"type": "string", "minLength": 1}}},
-    ]})
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={
+        "if": {"required": ["machine"], "properties": {"machine": {"type": "string"}}},
+        "then": {"required": ["command"], "properties": {"command": {"minItems": 1}}},
+        "else": {"required": ["image"], "properties": {"image": {"type": "string", "minLength": 1}}},
+    })
     image: str | None = None
     args: list[str] = Field(default_factory=list)
     inputs: list[OperatorInput] = Field(default_factory=list)
