@@ -91,10 +91,17 @@ async def test_a_redelivery_finding_its_attempt_released_does_not_create_it_agai
     worker = stack.worker
     assert worker is not None
     attempt = worker._attempt_of(stack.backend, step.scheduled, 1)  # what the stale redelivery would run
-    result = await worker._attempt(stack.backend, attempt, reattach=True)
-    assert result.superseded and not result.ok, result
     async with AgentClient(agent_url, None) as client:
-        with pytest.raises(AgentError) as gone:
-            await client.status(attempt.external_id)
-        assert gone.value.status == 404
+        async def released() -> bool:
+            try:
+                await client.status(attempt.external_id)
+                return False
+            except AgentError as exc:
+                assert exc.status == 404, exc
+                return True
+
+        await wait_until(released, what="the attempt released on the agent (after its outcome)")
+        result = await worker._attempt(stack.backend, attempt, reattach=True)
+        assert result.superseded and not result.ok, result
+        assert await released()  # nothing created
     assert len(ledger_lines(ledger)) == 1
