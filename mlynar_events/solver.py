@@ -132,7 +132,8 @@ def build_step(run: RunState, registry: Registry, step_id: str, op: str, inputs:
     env = {c.name: c.value for c in spec.constantEnv}
     env.update({c.name: params.get(c.name, c.defaultValue) for c in spec.configurableEnv})
     units = [run.units[uid] for _, uid in inputs]
-    ancestors = sorted({a for u in units for a in u.ancestors} | {op})
+    # lineage order, as the original Mlynar: the inputs' ancestors slot by slot (each once), then this operator
+    ancestors = [*dict.fromkeys(a for u in units for a in u.ancestors if a != op), op]
     return StepScheduled(
         run_id=run.run_id, step_id=step_id, operator=op, revision=revision, spec=spec,
         inputs=[StepInput(env=env_name, unit_id=u.unit_id, data_kind=u.data_kind, blob=u.blob, filename=u.filename)

@@ -69,7 +69,8 @@ async def test_mlynar_readme_sequence(api: Api) -> None:
     average_step = next(s for s in run["steps"] if s["operator"] == "average")
     assert set(average_step["inputDataUnits"]) == {"INPUT_SUM", "INPUT_LENGTH"}
     average = next(u for u in run["dataPool"] if u["dataKind"] == "number-array-average-json")
-    assert sorted(average["ancestors"]) == ["average", "length", "sum"]
+    # lineage order (the original Mlynar's): the inputs' ancestors in the operator's slot order, then itself
+    assert average["ancestors"] == ["sum", "length", "average"]
     assert await api.content(average["url"]) == b'{"average":10}'
     assert run["stepCounts"] == {"total": 3, "succeeded": 3, "failed": 0, "cancelled": 0, "active": 0}
 
