@@ -32,7 +32,7 @@ from projections import token_views
 
 from .context import ctx
 from .errors import error
-from .principal import PRINCIPAL
+from .principal import PRINCIPAL, TOKEN_DIGEST
 from .routes import Access, route_of
 
 
@@ -47,8 +47,12 @@ async def _principal_of(request: web.Request, given: str) -> Principal | None:
     raw = given.encode("utf-8", "surrogateescape")
     if c.api_token is not None and hmac.compare_digest(raw, c.api_token.encode()):
         return BOOTSTRAP_ADMIN
-    found = await token_views.active_by_digest(c.db, token_digest(given))
-    return Principal(found[0], Role(found[1])) if found else None
+    digest = token_digest(given)
+    found = await token_views.active_by_digest(c.db, digest)
+    if found is None:
+        return None
+    request[TOKEN_DIGEST] = digest  # a stream that stays open checks it again (api/principal.py)
+    return Principal(found[0], Role(found[1]))
 
 
 @web.middleware

@@ -40,7 +40,7 @@ from projections.history import run_body_at
 
 from .context import ctx
 from .errors import BadRequest
-from .principal import event_visibility, route_run
+from .principal import AccessRevoked, event_visibility, route_run
 from .render import base_url
 
 log = logging.getLogger("mlynar.api.events")
@@ -337,6 +337,8 @@ async def _stream(request: web.Request, filters: list[str] | None, after: int,
     except (ConnectionResetError, asyncio.CancelledError):
         # the client went away (or the service stops, :func:`close_streams`): not an error
         log.debug("event stream closed", extra={"run_id": run_id})
+    except AccessRevoked as exc:  # nothing more for it; reconnecting with it is a 403
+        log.info("event stream ended: %s", exc, extra={"run_id": run_id})
     finally:
         streams.discard(me)
         if listener is not None:

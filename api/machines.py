@@ -16,7 +16,7 @@ import aiohttp
 from aiohttp import web
 
 from mlynar_events.errors import Conflict, Forbidden, NotFound
-from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdated
+from mlynar_events.events import MachineDeleted, MachineRegistered, MachineUpdated, key_filter
 from mlynar_events.names import is_dns1123_label
 from mlynar_events.secrets import machine_token_key, secret_ref
 from mlynar_events.store import ConcurrencyConflict
@@ -46,6 +46,14 @@ async def _own_machine(request: web.Request) -> dict:
     return found
 
 
+def _whole_names(*names: str) -> None:
+    """400 for a name the label rule's ``$`` let through with a trailing newline (``"gpu\\n"``):
+    no NATS subject or secret key can hold it, and it would only pass for another name."""
+    bad = [n for n in names if n.endswith("\n")]
+    if bad:
+        raise BadRequest(f"{bad[0]!r} is not a DNS-1123 label (lowercase letters, digits, '-', at most 63)")
+
+
 async def list_machines(request: web.Request) -> web.Response:
     return web.json_response(await queries.machines(ctx(request).db))
 
@@ -57,8 +65,15 @@ async def get_machine(request: web.Request) -> web.Response:
 async def register_machine(request: web.Request) -> web.Response:
     c = ctx(request)
     body = MachineIn.model_validate(await json_body(request))
+    _whole_names(body.name, *body.sharedWith)
     if await queries.get_machine(c.db, body.name) is not None:
         raise Conflict(f"machine {body.name!r} already exists; PUT /api/machines/{body.name} updates it")
+    if await c.store.read(key_filter("machine", body.name)):
+        # registered before: deleted since (a name is never reused, so whoever registers it next
+        # cannot take over the operators that name it), or registered a moment ago and not in
+        # these views yet. Refused before its token is written, which would replace the
+        # machine's own (its secret key is its name's).
+        raise Conflict(f"machine {body.name!r} exists or existed; a machine's name is not reused")
     token_ref = await c.secrets.put(machine_token_key(body.name), body.token) if body.token else None
     try:
         ack = await c.store.append(
@@ -80,6 +95,7 @@ async def update_machine(request: web.Request) -> web.Response:
     c = ctx(request)
     current = await _own_machine(request)
     body = MachineUpdate.model_validate(await json_body(request))
+    _whole_names(*(body.sharedWith or []))
     name = current["name"]
     url = body.url or current["url"]
     token_given = "token" in body.model_fields_set

@@ -5,6 +5,7 @@ carry as ``actor`` (:func:`actor`), and which runs it may see (:func:`visible_ru
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Awaitable, Callable
 
@@ -13,11 +14,31 @@ from aiohttp import web
 from mlynar_events.errors import NotFound
 from mlynar_events.events import RunCreated, RunEvent, StoredEvent
 from mlynar_events.principals import Principal, Role
-from projections import queries
+from projections import queries, token_views
 
 from .context import ctx
 
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+TOKEN_DIGEST: web.RequestKey[str] = web.RequestKey("token-digest", str)
+"""The SHA-256 of the request's bearer token when it can be revoked (one of ``POST /api/tokens``):
+what an open event stream checks again (:func:`event_visibility`). Not set for the bootstrap
+token or an anonymous caller."""
+TOKEN_RECHECK = 1.0
+"""Seconds an open event stream trusts its token before looking it up again (a revocation
+answered by *this* process is noticed before the stream's next event; one answered by another
+API replica within this)."""
+_revocations = [0]
+"""How many revocations this process has answered (:func:`token_revoked`)."""
+
+
+class AccessRevoked(Exception):
+    """The token of an open event stream was revoked: the stream ends (``api/events.py``)."""
+
+
+def token_revoked() -> None:
+    """``DELETE /api/tokens/{id}``, once this process's views include the revocation: every open
+    event stream of this process looks its token up again before it sends another event."""
+    _revocations[0] += 1
 
 
 def principal(request: web.Request) -> Principal:
@@ -32,13 +53,15 @@ def actor(request: web.Request) -> str:
 
 
 async def _run_owner(request: web.Request, run_id: str) -> tuple[bool, str | None]:
-    """Whether run ``run_id`` exists, and its owner: from the views, or for a run they do not
-    show yet (created on another API replica a moment ago) from the stream's fold of it."""
+    """Whether run ``run_id`` exists or existed, and its owner: from the views, or for a run they
+    do not show from the stream's fold of it: one created on another API replica a moment ago,
+    or a deleted one (the views forget it, but its events, its history, stay in the stream and
+    remain its owner's)."""
     c = ctx(request)
     exists, owner = await queries.run_owner(c.db, run_id)
     if not exists:
         state = await c.runs.get(run_id)
-        exists, owner = state.exists, state.owner
+        exists, owner = state.version > 0, state.owner
     return exists, owner
 
 
@@ -46,15 +69,43 @@ ADMIN_AGGREGATES = frozenset({"token", "webhook"})
 """Events only an admin sees on the event streams (their routes are admin's too)."""
 
 
+def _token_check(request: web.Request) -> Callable[[], Awaitable[None]] | None:
+    """For a stream of a revocable token: raises :class:`AccessRevoked` once the token is
+    revoked (looked up again after :data:`TOKEN_RECHECK` or any revocation of this process)."""
+    digest = request.get(TOKEN_DIGEST)
+    if digest is None:
+        return None
+    c = ctx(request)
+    loop = asyncio.get_running_loop()
+    checked = [-TOKEN_RECHECK, -1]  # looked up at the first event (it may be revoked since the request came)
+
+    async def check() -> None:
+        now = loop.time()
+        if now - checked[0] < TOKEN_RECHECK and checked[1] == _revocations[0]:
+            return
+        checked[:] = [now, _revocations[0]]  # before the lookup: a revocation during it checks again
+        if await token_views.active_by_digest(c.db, digest) is None:
+            raise AccessRevoked(f"the token of {principal(request).name!r} was revoked")
+
+    return check
+
+
 def event_visibility(request: web.Request) -> Callable[[StoredEvent], Awaitable[bool]] | None:
-    """What the caller may see of the event stream: ``None`` for an admin (everything); a
-    viewer sees all but tokens and webhooks; a member also sees only its own runs' events."""
+    """What the caller may see of the event stream: ``None`` for the bootstrap admin or an
+    anonymous caller (everything); a viewer sees all but tokens and webhooks; a member also sees
+    only its own runs' events. A stream of a token created with ``POST /api/tokens`` (an admin's
+    too) raises :class:`AccessRevoked` at its first event after the token's revocation."""
     who = principal(request)
-    if who.is_admin:
+    token_valid = _token_check(request)
+    if who.is_admin and token_valid is None:
         return None
     owners: dict[str, bool] = {}  # run id -> the member may see it (learnt once per stream)
 
     async def visible(stored: StoredEvent) -> bool:
+        if token_valid is not None:
+            await token_valid()
+        if who.is_admin:
+            return True
         event = stored.event
         if event.aggregate in ADMIN_AGGREGATES:
             return False
@@ -71,9 +122,9 @@ def event_visibility(request: web.Request) -> Callable[[StoredEvent], Awaitable[
 
 
 async def visible_run(request: web.Request, run_id: str) -> None:
-    """404 unless the caller may see run ``run_id``: a member sees only its own runs (a run it
-    may not see does not exist for it, so its existence is not revealed either); an admin or a
-    viewer sees every run."""
+    """404 unless the caller may see run ``run_id``: a member sees only its own runs, also once
+    they are deleted (a run it may not see does not exist for it, so its existence is not
+    revealed either); an admin or a viewer sees every run."""
     who = principal(request)
     if who.role is not Role.MEMBER:
         return

@@ -23,10 +23,25 @@ from projections import token_views
 from .context import ctx
 from .errors import BadRequest, json_body
 from .models import Model
-from .principal import actor
+from .principal import actor, token_revoked
 
-_ID = re.compile(r"^tok-[0-9a-f]{12}$")
-RESERVED_NAMES = sorted({BOOTSTRAP_ADMIN.name, ANONYMOUS.name})
+_ID = re.compile(r"tok-[0-9a-f]{12}")
+SERVICE_ACTORS = frozenset({"serve", "solver", "executor", "projector", "api", "system", "registry-file", "crd-sync"})
+"""Names the service itself acts as: a principal named so would be indistinguishable from it in
+every history, and would own what it owns (the built-in machine ``local`` is ``serve``'s)."""
+RESERVED_NAMES = sorted({BOOTSTRAP_ADMIN.name, ANONYMOUS.name} | SERVICE_ACTORS)
+_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _principal_refusal(name: str) -> str | None:
+    """Why a token cannot be for ``name``: :func:`check_principal_name`, the whole name a label
+    (no trailing newline, which the rule's ``$`` lets through), and not a name of the service's."""
+    reason = check_principal_name(name)
+    if reason is None and not _NAME.fullmatch(name):
+        reason = f"principal {name!r} is not a DNS-1123 label (lowercase letters, digits, '-', at most 63)"
+    if reason is None and name in SERVICE_ACTORS:
+        reason = f"principal name {name!r} is reserved: the service acts as {name!r}"
+    return reason
 
 
 class TokenIn(Model):
@@ -55,7 +70,7 @@ class TokenWithSecret(TokenOut):
 
 async def _token(request: web.Request) -> dict:
     token_id = request.match_info["token_id"]
-    found = await token_views.get_token(ctx(request).db, token_id) if _ID.match(token_id) else None
+    found = await token_views.get_token(ctx(request).db, token_id) if _ID.fullmatch(token_id) else None
     if found is None:
         raise NotFound(f"token {token_id!r} does not exist")
     return found
@@ -69,7 +84,7 @@ async def list_tokens(request: web.Request) -> web.Response:
 async def create_token(request: web.Request) -> web.Response:
     c = ctx(request)
     body = TokenIn.model_validate(await json_body(request))
-    reason = check_principal_name(body.principal)
+    reason = _principal_refusal(body.principal)
     if reason is not None:
         raise BadRequest(reason, {"principal": body.principal})
     token, token_id = new_token(), new_token_id()
@@ -88,5 +103,6 @@ async def revoke_token(request: web.Request) -> web.Response:
     if row["revokedAt"] is None:
         ack = await c.store.append(TokenRevoked(token_id=row["id"]), actor=actor(request))
         await c.caught_up(ack.seq)
+        token_revoked()  # this process's open event streams of the token end at their next event
         row = await _token(request)
     return web.json_response(TokenOut(**row).model_dump(mode="json"))
