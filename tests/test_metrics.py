@@ -200,10 +200,29 @@ async def test_retries_and_failures_are_counted_by_cause(api: Api, tmp_path: Pat
     assert moved(before, after, "mlynar_step_retries_total", **broken_l, cause="operator") == 0
     assert moved(before, after, "mlynar_steps_finished_total", **broken_l, outcome="failure") == 1
     assert moved(before, after, "mlynar_step_duration_seconds_count", **broken_l, outcome="failure") == 1
-    for cause_label in ("infrastructure",):
-        assert total(after, "mlynar_step_attempt_failures_total", cause=cause_label) == total(
-            before, "mlynar_step_attempt_failures_total", cause=cause_label)
+    assert total(after, "mlynar_step_attempt_failures_total", cause="infrastructure") == total(
+        before, "mlynar_step_attempt_failures_total", cause="infrastructure")
     assert by_label(before, after, "mlynar_events_appended_total", "type")["StepAttemptFailed"] == 1
+
+
+async def test_attempts_lost_to_the_infrastructure_are_counted_apart(make_service, tmp_path: Path) -> None:
+    api = await make_service(executor_infra_retries=1)
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there: each attempt is lost
+    status, body = await api.call("POST", "/api/machines", json={"name": "nowhere", "url": nowhere, "token": "t0ken"})
+    assert status == 201, body
+    await declare(api, operator("remote-op", script(tmp_path, "never", "outputs()\n"), machine="nowhere", retries=5))
+    run_id = await api.create_run()
+    before = await scrape(api.http)
+    await start(api, run_id)
+    await api.wait_status(run_id, "complete", timeout=60)
+    after = await scrape(api.http)
+
+    step = dict(operator="remote-op", machine="nowhere")
+    assert moved(before, after, "mlynar_step_attempts_total", **step) == 2  # the first and one retry (the cap)
+    assert moved(before, after, "mlynar_step_attempt_failures_total", **step, cause="infrastructure") == 2
+    assert moved(before, after, "mlynar_step_retries_total", **step, cause="infrastructure") == 1
+    assert moved(before, after, "mlynar_step_attempt_failures_total", **step, cause="operator") == 0  # retries unused
+    assert moved(before, after, "mlynar_steps_finished_total", **step, outcome="failure") == 1
 
 
 # ---- processes and access ----------------------------------------------------------------------
