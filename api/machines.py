@@ -4,8 +4,8 @@ the status, the latency and a fixed message, never the remote body. A stored tok
 sent to the URL it was given for: changing the URL needs the token again (or ``"token": null``
 to drop it).
 
-A machine belongs to the principal that registered it; a member may change, delete, check and
-share (``sharedWith``) only its own, an admin any. Whose runs may use it is the executor's check
+A machine belongs to the principal that registered it; a member may change, delete and check
+only its own, an admin any; only an admin shares one (``sharedWith``, :func:`_may_share`). Whose runs may use it is the executor's check
 (:func:`mlynar_events.principals.may_use_machine`)."""
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ def _whole_names(*names: str) -> None:
         raise BadRequest(f"{bad[0]!r} is not a DNS-1123 label (lowercase letters, digits, '-', at most 63)")
 
 
+def _may_share(request: web.Request, shared_with: list[str]) -> None:
+    """Only an admin shares a machine. Sharing sends *other* principals' step inputs to the
+    machine, so the machine's owner cannot be the one to decide it: a member that registered
+    ``gpu-box`` (a name an operator uses) shared with everyone would receive every run's data for
+    that operator. A member's machine runs only that member's runs unless an admin shares it."""
+    if shared_with and not principal(request).is_admin:
+        raise Forbidden("only an admin may share a machine with other principals (their runs' data would go to it)",
+                        {"sharedWith": shared_with})
+
+
 async def list_machines(request: web.Request) -> web.Response:
     return web.json_response(await queries.machines(ctx(request).db))
 
@@ -74,6 +84,7 @@ async def register_machine(request: web.Request) -> web.Response:
         # these views yet. Refused before its token is written, which would replace the
         # machine's own (its secret key is its name's).
         raise Conflict(f"machine {body.name!r} exists or existed; a machine's name is not reused")
+    _may_share(request, body.sharedWith)
     token_ref = await c.secrets.put(machine_token_key(body.name), body.token) if body.token else None
     try:
         ack = await c.store.append(
@@ -96,6 +107,8 @@ async def update_machine(request: web.Request) -> web.Response:
     current = await _own_machine(request)
     body = MachineUpdate.model_validate(await json_body(request))
     _whole_names(*(body.sharedWith or []))
+    if body.sharedWith is not None and body.sharedWith != current["sharedWith"]:
+        _may_share(request, body.sharedWith)
     name = current["name"]
     url = body.url or current["url"]
     token_given = "token" in body.model_fields_set

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from mlynar_events.errors import NotFound
 from mlynar_events.events import RunCreated, RunEvent, StoredEvent
-from mlynar_events.principals import Principal, Role
+from mlynar_events.principals import Principal, Role, may_see
 from projections import queries, token_views
 
 from .context import ctx
@@ -65,10 +65,6 @@ async def _run_owner(request: web.Request, run_id: str) -> tuple[bool, str | Non
     return exists, owner
 
 
-ADMIN_AGGREGATES = frozenset({"token", "webhook"})
-"""Events only an admin sees on the event streams (their routes are admin's too)."""
-
-
 def _token_check(request: web.Request) -> Callable[[], Awaitable[None]] | None:
     """For a stream of a revocable token: raises :class:`AccessRevoked` once the token is
     revoked (looked up again after :data:`TOKEN_RECHECK` or any revocation of this process)."""
@@ -104,18 +100,15 @@ def event_visibility(request: web.Request) -> Callable[[StoredEvent], Awaitable[
     async def visible(stored: StoredEvent) -> bool:
         if token_valid is not None:
             await token_valid()
-        if who.is_admin:
-            return True
         event = stored.event
-        if event.aggregate in ADMIN_AGGREGATES:
-            return False
         if who.role is not Role.MEMBER or not isinstance(event, RunEvent):
-            return True
+            return may_see(who, event.aggregate)
+        # a member's run events: whether it owns the run, learnt once per stream (the rule is may_see's)
         if isinstance(event, RunCreated):
-            owners[event.run_id] = who.owns(event.owner)
+            owners[event.run_id] = may_see(who, "run", event.owner)
         if event.run_id not in owners:
             exists, owner = await _run_owner(request, event.run_id)
-            owners[event.run_id] = exists and who.owns(owner)
+            owners[event.run_id] = exists and may_see(who, "run", owner)
         return owners[event.run_id]
 
     return visible

@@ -56,8 +56,9 @@ class Route:
     @property
     def needs(self) -> Role:
         """Reads need ``viewer``, writes ``member``, unless the route says otherwise (the
-        registry, tokens and webhooks are ``admin``'s). Which runs and machines a member may
-        act on is checked by the handlers (``api/principal.py``, ``api/machines.py``)."""
+        registry and tokens are ``admin``'s, webhooks ``member``'s). Which runs, machines and
+        webhooks a member may act on is checked by the handlers (``api/principal.py``,
+        ``api/machines.py``, ``api/webhooks.py``)."""
         if self.role is not None:
             return self.role
         return Role.VIEWER if self.method in {"GET", "HEAD"} else Role.MEMBER
@@ -195,20 +196,20 @@ ROUTES: list[Route] = [
     Route("POST", "/api/machines/{name}/check", machines.check_machine, "Call the machine agent's health endpoint",
           response=MachineCheck, errors=(404,)),
     Route("GET", "/api/webhooks", webhooks.list_webhooks, "Webhooks", response=list[webhooks.WebhookOut],
-          role=Role.ADMIN),
+          role=Role.MEMBER),
     Route("POST", "/api/webhooks", webhooks.create_webhook, "Subscribe a URL to events (answers its secret, once)",
-          body=webhooks.WebhookIn, response=created(webhooks.WebhookWithSecret), errors=(400,), role=Role.ADMIN),
+          body=webhooks.WebhookIn, response=created(webhooks.WebhookWithSecret), errors=(400,), role=Role.MEMBER),
     Route("GET", WEBHOOK, webhooks.get_webhook, "One webhook", response=webhooks.WebhookOut, errors=(404,),
-          role=Role.ADMIN),
-    Route("DELETE", WEBHOOK, webhooks.delete_webhook, "Delete a webhook", response=Deleted, errors=(404,), role=Role.ADMIN),
+          role=Role.MEMBER),
+    Route("DELETE", WEBHOOK, webhooks.delete_webhook, "Delete a webhook", response=Deleted, errors=(404,), role=Role.MEMBER),
     Route("GET", WEBHOOK + "/deliveries", webhooks.list_deliveries, "Its last delivery attempts, newest first",
-          response=list[DeliveryAttempt], errors=(404,), role=Role.ADMIN),
+          response=list[DeliveryAttempt], errors=(404,), role=Role.MEMBER),
     Route("POST", WEBHOOK + "/rotate-secret", webhooks.rotate_secret,
           "A new signing secret; the old one still signs for the grace period",
           body=json_request(webhooks.RotateIn, required=False), response=created(webhooks.RotatedSecret),
-          errors=(400, 404, 409), role=Role.ADMIN),
+          errors=(400, 404, 409), role=Role.MEMBER),
     Route("POST", WEBHOOK + "/enable", webhooks.enable_webhook, "Deliver again to a failing webhook",
-          response=webhooks.WebhookOut, errors=(404,), role=Role.ADMIN),
+          response=webhooks.WebhookOut, errors=(404,), role=Role.MEMBER),
     Route("GET", "/api/tokens", tokens.list_tokens, "API tokens (never the tokens themselves)",
           response=list[tokens.TokenOut], role=Role.ADMIN),
     Route("POST", "/api/tokens", tokens.create_token, "Create a token for a principal with a role (answers it, once)",

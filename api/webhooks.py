@@ -23,6 +23,7 @@ from mlynar_events.errors import Conflict, NotFound
 from mlynar_events.events import (
     WebhookCreated, WebhookDeleted, WebhookEnabled, WebhookSecretRotated,
 )
+from mlynar_events.principals import Role
 from mlynar_events.store import ConcurrencyConflict
 from mlynar_events.webhooks import (
     MAX_RUNS, WebhookRuleError, check_target, deliveries_bucket, delivery_filters,
@@ -33,7 +34,7 @@ from projections.webhook_views import get_webhook as view_of, webhooks as all_vi
 from .context import ctx
 from .errors import BadRequest, json_body
 from .models import Model
-from .principal import actor
+from .principal import actor, principal, visible_run
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_GRACE = 7 * 86400.0
@@ -63,6 +64,7 @@ class WebhookOut(Model):
     types: list[str]
     runs: list[str]
     description: str
+    owner: str | None = Field(None, description="who created it; a member's webhook gets only what the member may see")
     status: Literal["active", "failing"]
     failingSince: str | None = None
     lastError: str | None = None
@@ -87,7 +89,7 @@ class RotatedSecret(Model):
 def _out(row: dict) -> WebhookOut:
     return WebhookOut(
         id=row["id"], url=row["url"], types=row["types"], runs=row["runs"], description=row["description"],
-        status=row["status"], failingSince=row["failing_since"],
+        owner=row["owner"], status=row["status"], failingSince=row["failing_since"],
         lastError=row["last_error"] if row["status"] == "failing" else None,
         secretRotatedAt=row["secret_rotated_at"], previousSecretValidUntil=row["grace_until"],
         createdAt=row["created_at"], updatedAt=row["updated_at"])
@@ -96,13 +98,15 @@ def _out(row: dict) -> WebhookOut:
 async def _webhook(request: web.Request) -> dict:
     webhook_id = request.match_info["webhook_id"]
     found = await view_of(ctx(request).db, webhook_id) if _ID.match(webhook_id) else None
-    if found is None:
+    if found is None or not principal(request).owns(found["owner"]):  # a member's own only
         raise NotFound(f"webhook {webhook_id!r} does not exist")
     return found
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
-    return web.json_response([_out(r).model_dump(mode="json") for r in await all_views(ctx(request).db)])
+    who = principal(request)
+    rows = [r for r in await all_views(ctx(request).db) if who.owns(r["owner"])]
+    return web.json_response([_out(r).model_dump(mode="json") for r in rows])
 
 
 async def get_webhook(request: web.Request) -> web.Response:
@@ -117,11 +121,15 @@ async def create_webhook(request: web.Request) -> web.Response:
         await check_target(body.url, private_targets_allowed(c.settings))
     except WebhookRuleError as exc:
         raise BadRequest(str(exc), {"url": body.url, "types": body.types, "runs": body.runs}) from None
+    who = principal(request)
+    for run_id in body.runs:  # a member subscribes to its own runs only (others' do not exist for it)
+        await visible_run(request, run_id)
     webhook_id = new_webhook_id()
     secret = new_secret()
     ref = await c.secrets.put(new_secret_key(webhook_id), secret)
     event = WebhookCreated(webhook_id=webhook_id, url=body.url, types=sorted(set(body.types)),
-                           runs=sorted(set(body.runs)), description=body.description, secret_ref=ref)
+                           runs=sorted(set(body.runs)), description=body.description, secret_ref=ref,
+                           owner=who.name, owner_role="member" if who.role is Role.MEMBER else "admin")
     try:
         ack = await c.store.append(event, actor=actor(request), expected_seq=0)
     except BaseException:  # nothing references it: leave nothing behind

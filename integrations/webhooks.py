@@ -50,9 +50,11 @@ from mlynar_events import metrics
 from mlynar_events.cloudevents import CONTENT_TYPE, cloudevent_json
 from mlynar_events.config import WebhookSettings
 from mlynar_events.events import (
-    STREAM, StoredEvent, WebhookCreated, WebhookDeleted, WebhookDisabled, WebhookEnabled,
+    STREAM, SUBJECT_PREFIX, RunCreated, RunEvent, StoredEvent, WebhookCreated, WebhookDeleted, WebhookDisabled,
+    WebhookEnabled,
     WebhookSecretRotated, subject_filters,
 )
+from mlynar_events.principals import Principal, Role, may_see
 from mlynar_events.secrets import SecretStore
 from mlynar_events.store import EventStore, decode
 from mlynar_events.tasks import cancel_and_wait
@@ -87,6 +89,8 @@ class Hook:
     grace_until: datetime | None = None
     active: bool = True
     deleted: bool = False
+    sees_as: Principal | None = None
+    """A member's webhook: only what that member may see is delivered (None: everything)."""
 
     def signing_refs(self, now: datetime) -> list[str]:
         """The current secret, and the previous one during its grace period."""
@@ -107,6 +111,8 @@ def _describe(exc: BaseException, timeout: float) -> str:
 
 class WebhookDispatcher:
     CONSUMES = (WebhookCreated, WebhookSecretRotated, WebhookDisabled, WebhookEnabled, WebhookDeleted)
+    READS = (RunCreated,)
+    """Looked up, not followed: the owner of a run whose event a member's webhook may receive."""
 
     def __init__(self, store: EventStore, secrets: SecretStore, settings: WebhookSettings, *,
                  allow_private: bool) -> None:
@@ -118,6 +124,7 @@ class WebhookDispatcher:
         self.tasks: dict[str, asyncio.Task] = {}
         self._dirty: set[str] = set()
         self._secret_values: dict[str, str] = {}  # a reference names one value forever: never stale
+        self._run_owners: dict[str, str | None] = {}  # run id -> owner (a run's owner never changes)
         self.kv: KeyValue | None = None
         self.http: aiohttp.ClientSession | None = None
 
@@ -169,9 +176,10 @@ class WebhookDispatcher:
                     log.error("webhook cannot be delivered by this build", extra={"webhook_id": event.webhook_id,
                                                                                   "error": str(exc)})
                     return
+                sees_as = Principal(event.owner, Role.MEMBER) if event.owner_role == "member" and event.owner else None
                 self.hooks[event.webhook_id] = Hook(id=event.webhook_id, url=event.url, filters=filters,
                                                     start_seq=stored.seq + 1, secret_ref=event.secret_ref,
-                                                    epoch=stored.seq)
+                                                    epoch=stored.seq, sees_as=sees_as)
             case WebhookSecretRotated() if event.webhook_id in self.hooks:
                 hook = self.hooks[event.webhook_id]
                 hook.secret_ref, hook.previous_ref, hook.grace_until = (
@@ -272,6 +280,9 @@ class WebhookDispatcher:
         if stored is None:  # a type this build does not know (logged by decode)
             await msg.ack()
             return True
+        if hook.sees_as is not None and not await self._visible(hook.sees_as, stored):
+            await msg.ack()  # not the member's to see: passed over, not delivered
+            return True
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         try:
             failures = 0
@@ -295,6 +306,17 @@ class WebhookDispatcher:
             raise
         finally:
             heartbeat.cancel()
+
+    async def _visible(self, who: Principal, stored: StoredEvent) -> bool:
+        event = stored.event
+        owner = None
+        if isinstance(event, RunEvent):
+            if event.run_id not in self._run_owners:
+                created = await self.store.read(f"{SUBJECT_PREFIX}.run.{event.run_id}.{RunCreated.event_type}")
+                first = created[0].event if created else None
+                self._run_owners[event.run_id] = first.owner if isinstance(first, RunCreated) else None
+            owner = self._run_owners[event.run_id]
+        return may_see(who, event.aggregate, owner)
 
     async def _attempt(self, hook: Hook, stored: StoredEvent, n: int) -> DeliveryAttempt:
         """One signed POST; never raises for the receiver's or the network's failures."""

@@ -303,6 +303,11 @@ class WebhookCreated(WebhookEvent):
     runs: list[str] = Field(default_factory=list)
     description: str = ""
     secret_ref: str
+    owner: str | None = None
+    """The principal that created it (``None``: before principals existed)."""
+    owner_role: Literal["admin", "member"] | None = None
+    """A member's webhook receives only what the member may see (its own runs' events, none of
+    tokens or webhooks: :func:`mlynar_events.principals.may_see`); an admin's, everything."""
 
 
 class WebhookSecretRotated(WebhookEvent):

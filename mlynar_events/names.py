@@ -12,7 +12,8 @@ NAME_JSON_SCHEMA = {"type": "string", "pattern": DNS1123_LABEL.pattern, "maxLeng
 
 
 def is_dns1123_label(name: str) -> bool:
-    return isinstance(name, str) and len(name) <= MAX_LABEL and bool(DNS1123_LABEL.match(name))
+    # fullmatch: ``$`` alone would let one trailing newline through
+    return isinstance(name, str) and len(name) <= MAX_LABEL and bool(DNS1123_LABEL.fullmatch(name))
 
 
 def check_dns1123_label(name: str) -> str:

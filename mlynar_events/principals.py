@@ -92,6 +92,23 @@ def check_principal_name(name: str) -> str | None:
     return None
 
 
+ADMIN_AGGREGATES = frozenset({"token", "webhook"})
+"""Events only an admin sees (on the event streams and in webhooks): their routes are admin's
+too, or a member's own webhooks', which it reads through the API."""
+
+
+def may_see(who: Principal, aggregate: str, run_owner: str | None = None) -> bool:
+    """Whether ``who`` may see an event of ``aggregate`` (for a run event: of a run owned by
+    ``run_owner``): an admin everything; a viewer all but :data:`ADMIN_AGGREGATES`; a member the
+    same, of runs only its own. The SSE streams (``api/principal.py``) and the webhook
+    dispatcher (``integrations/webhooks.py``) both apply this."""
+    if who.is_admin:
+        return True
+    if aggregate in ADMIN_AGGREGATES:
+        return False
+    return aggregate != "run" or who.owns(run_owner)
+
+
 def may_use_machine(run_owner: str | None, machine_owner: str | None, shared_with: list[str] | tuple[str, ...]) -> bool:
     """A step may run on a machine only if the run's owner owns the machine or it is shared with
     them (or with everyone). Runs and machines from before principals existed (owner ``None``)

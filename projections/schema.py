@@ -1,7 +1,7 @@
 """The read views' SQLite schema. Bump ``SCHEMA_VERSION`` when it changes: a database of another
 version is rebuilt from the stream (projections are disposable, the stream is the truth)."""
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -79,6 +79,7 @@ CREATE TABLE IF NOT EXISTS tokens (
 );
 CREATE TABLE IF NOT EXISTS webhooks (
     id TEXT PRIMARY KEY, url TEXT NOT NULL, types TEXT NOT NULL, runs TEXT NOT NULL, description TEXT NOT NULL,
+    owner TEXT,
     status TEXT NOT NULL, secret_ref TEXT NOT NULL, previous_secret_ref TEXT, grace_until TEXT,
     secret_rotated_at TEXT, failing_since TEXT, last_error TEXT, created_seq INTEGER NOT NULL,
     version INTEGER NOT NULL,

@@ -22,9 +22,10 @@ from .batch import Batch, handles
 @handles(WebhookCreated)
 def _created(b: Batch, e: WebhookCreated, seq: int, at: str) -> None:
     b.execute(
-        "INSERT OR REPLACE INTO webhooks (id, url, types, runs, description, status, secret_ref, created_seq,"
-        " version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
-        (e.webhook_id, e.url, json.dumps(e.types), json.dumps(e.runs), e.description, e.secret_ref, seq, seq, at, at),
+        "INSERT OR REPLACE INTO webhooks (id, url, types, runs, description, owner, status, secret_ref, created_seq,"
+        " version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 'active', ?, ?, ?, ?, ?)",
+        (e.webhook_id, e.url, json.dumps(e.types), json.dumps(e.runs), e.description, e.owner, e.secret_ref, seq,
+         seq, at, at),
     )
 
 

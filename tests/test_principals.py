@@ -197,9 +197,19 @@ async def test_members_register_and_keep_their_own_machines(people: People) -> N
         status, answer = await bob.call(method, path, json=body)
         assert status == 403 and "belongs to 'alice'" in answer["error"], (method, answer)
     assert await people.admin.service.store.last_seq() == head
-    status, m = await alice.call("PUT", "/api/machines/alice-laptop", json={"sharedWith": ["bob", "bob"]})
+    # only an admin shares a machine: the data of the runs it is shared with would go to it, so
+    # its owner may not offer it (a member registering a name an operator uses would get others' inputs)
+    status, answer = await alice.call("PUT", "/api/machines/alice-laptop", json={"sharedWith": ["bob"]})
+    assert status == 403 and "only an admin may share" in answer["error"]
+    status, answer = await bob.call("POST", "/api/machines", json={"name": "gpu-box", "url": "http://127.0.0.1:9",
+                                                                  "sharedWith": ["*"]})
+    assert status == 403 and "only an admin may share" in answer["error"]
+    assert await people.admin.service.store.last_seq() == head
+    status, m = await people.admin.call("PUT", "/api/machines/alice-laptop", json={"sharedWith": ["bob", "bob"]})
     assert status == 200 and m["sharedWith"] == ["bob"] and m["owner"] == "alice"
-    status, answer = await alice.call("PUT", "/api/machines/alice-laptop", json={"sharedWith": ["Not A Name"]})
+    status, m = await alice.call("PUT", "/api/machines/alice-laptop", json={"labels": {"gpu": "no"}})
+    assert status == 200 and m["sharedWith"] == ["bob"]  # its owner may change the rest
+    status, answer = await people.admin.call("PUT", "/api/machines/alice-laptop", json={"sharedWith": ["Not A Name"]})
     assert status == 400
     assert (await people.admin.call("DELETE", "/api/machines/alice-laptop"))[0] == 200  # an admin may
 

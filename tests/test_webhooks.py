@@ -498,3 +498,56 @@ async def _consumer_gone(api: Api, webhook_id: str) -> bool:
     except NotFoundError:
         return True
     return False
+
+
+async def test_a_members_webhook_gets_only_what_the_member_may_see(make_service, receiver: Receiver,
+                                                                     tmp_path: Path) -> None:
+    """Alice (a member) subscribes to everything: she gets her own runs' events, the registry's,
+    and nothing of Bob's runs, of tokens or of webhooks; she cannot subscribe to Bob's run, and
+    neither sees the other's webhooks. Deliveries are in order, so once her later run's events
+    have arrived, Bob's earlier ones would have come first if they were going to."""
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(TOKEN + "\n")
+    service = await make_service(api_token_file=token_file, **FAST)
+    sessions: list[aiohttp.ClientSession] = []
+
+    def as_token(token: str) -> Api:
+        sessions.append(aiohttp.ClientSession(service.service.api_url, headers={"Authorization": f"Bearer {token}"}))
+        return Api(sessions[-1], service.service)
+
+    admin = as_token(TOKEN)
+    try:
+        people = {}
+        for name in ("alice", "bob"):
+            status, body = await admin.call("POST", "/api/tokens", json={"principal": name, "role": "member"})
+            assert status == 201, body
+            people[name] = as_token(body["token"])
+        alice, bob = people["alice"], people["bob"]
+        bobs_run = await bob.create_run()
+        status, body = await alice.call("POST", "/api/webhooks", json={"url": receiver.url("a"), "runs": [bobs_run]})
+        assert status == 404, body
+        hook = await create(alice, url=receiver.url("a"))
+        assert hook["owner"] == "alice"
+        other = await create(bob, url=receiver.url("b"))
+        assert [h["id"] for h in (await alice.call("GET", "/api/webhooks"))[1]] == [hook["id"]]
+        assert (await alice.call("GET", f"/api/webhooks/{other['id']}"))[0] == 404
+        assert (await alice.call("DELETE", f"/api/webhooks/{other['id']}"))[0] == 404
+        assert {h["id"] for h in (await admin.call("GET", "/api/webhooks"))[1]} == {hook["id"], other["id"]}
+        await bob.call("POST", f"/api/run/{bobs_run}/terminate")
+        await admin.call("POST", "/api/tokens", json={"principal": "carol", "role": "viewer"})
+        alices_run = await alice.create_run()
+        await alice.call("POST", f"/api/run/{alices_run}/terminate")
+
+        async def hers_arrived() -> bool:
+            return any(verified(h, hook["secret"]).get_subject() == alices_run
+                       and verified(h, hook["secret"]).get_type() == "dev.mlynar.RunTerminationRequested"
+                       for h in receiver.of("a"))
+
+        await wait_until(hers_arrived, what="alice's own run's events at her webhook")
+        subjects = {verified(h, hook["secret"]).get_subject() for h in receiver.of("a")}
+        types = {verified(h, hook["secret"]).get_type() for h in receiver.of("a")}
+        assert alices_run in subjects and bobs_run not in subjects
+        assert not any(t.startswith(("dev.mlynar.Token", "dev.mlynar.Webhook")) for t in types), types
+    finally:
+        for s in sessions:
+            await s.close()
