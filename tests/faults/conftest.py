@@ -3,7 +3,8 @@
 connected to it. Reusable by any fault scenario: ``cluster`` for the servers, ``cluster_store``
 for a connected store (stream created at R3); ``recovery`` records a scenario's measured
 recovery time and ledger counts, listed at the end of the session and written to
-``$MLYNAR_FAULTS_ARTIFACTS/recovery.json`` when that variable names a directory."""
+``$MLYNAR_ARTIFACTS/faults-recovery.json`` when that variable names a directory (the tests'
+artifacts directory, ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -194,11 +195,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
     for r in RECOVERIES:
         counts = ", ".join(f"{k} {v}" for k, v in r.items() if k not in ("test", "scenario", "seconds", "what"))
         terminalreporter.write_line(f"{r['scenario']}: {r['seconds']:.2f} s to {r['what']}" + (f"; {counts}" if counts else ""))
-    out = os.environ.get("MLYNAR_FAULTS_ARTIFACTS")
+    out = _artifacts(config)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "recovery.json").write_text(json.dumps(RECOVERIES, indent=2) + "\n")
-        terminalreporter.write_line(f"written to {Path(out) / 'recovery.json'}")
+        path = Path(out) / "faults-recovery.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(RECOVERIES, indent=2) + "\n")
+        terminalreporter.write_line(f"written to {path}")
+
+
+def _artifacts(config) -> str | None:  # type: ignore[no-untyped-def]
+    """``ARTIFACTS`` of tests/conftest.py (``$MLYNAR_ARTIFACTS``, read there before the MLYNAR_*
+    variables are cleared)."""
+    root = Path(__file__).resolve().parent.parent / "conftest.py"
+    for plugin in config.pluginmanager.get_plugins():
+        file = getattr(plugin, "__file__", None)
+        if file and Path(file).resolve() == root:
+            return getattr(plugin, "ARTIFACTS", None)
+    return None
 
 
 # ---- a small disk of its own ---------------------------------------------------------------------

@@ -27,7 +27,7 @@ ITEMS = [str(n) for n in range(6)]
 TOKEN = "agent-secret-token"
 
 
-async def test_outputs_downloaded_but_not_recorded_are_collected_not_run_again(tmp_path: Path) -> None:
+async def test_outputs_downloaded_but_not_recorded_are_collected_not_run_again(tmp_path: Path, recovery: Any) -> None:
     import aiohttp
 
     nats = EmbeddedNats(tmp_path / "nats")
@@ -86,7 +86,7 @@ async def test_outputs_downloaded_but_not_recorded_are_collected_not_run_again(t
             restarted = time.monotonic()
             spawn("executor-2", *executor_args, "--data-dir", str(tmp_path / "exec-2"))
             run = await api.wait_status(run_id, "complete", timeout=60)
-            recovery = time.monotonic() - restarted
+            took = time.monotonic() - restarted
 
             assert sorted((s["status"], s["attempt"]) for s in run["steps"]) == [("success", 1)] * len(ITEMS)
             ran = sorted(line.split()[0] for line in ledger_lines(ledger))
@@ -101,8 +101,8 @@ async def test_outputs_downloaded_but_not_recorded_are_collected_not_run_again(t
                         raise AssertionError(f"attempt {s['id']}-1 is still on the agent")
                     except AgentError as exc:
                         assert exc.status == 404, exc
-        print(f"\nNATS killed after the agent finished, executor SIGKILLed: ledger {len(ran)} executions for "
-              f"{len(ITEMS)} input sets; run complete {recovery:.1f} s after NATS came back")
+        recovery.record("embedded NATS SIGKILLed after the agent finished, then the executor", took,
+                        what="the run complete after NATS came back", executions=len(ran), input_sets=len(ITEMS))
     finally:
         for p in reversed(started):
             p.stop()

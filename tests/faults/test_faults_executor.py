@@ -144,7 +144,7 @@ async def agent_url(tmp_path: Path) -> AsyncIterator[str]:
 
 
 async def test_a_full_blob_disk_fails_the_step_visibly_within_its_budget(
-        stacks: Any, agent_url: str, small_disk: Path, tmp_path: Path) -> None:
+        stacks: Any, agent_url: str, small_disk: Path, tmp_path: Path, recovery: Any) -> None:
     """The blob store's disk is full when the outputs are stored: the writes are retried for
     ``outcome_retry_for``, the attempt is lost to the infrastructure (retried ``infra_retries``
     times, not ``retries``), then the step fails saying why — no endless re-execution."""
@@ -164,7 +164,8 @@ async def test_a_full_blob_disk_fails_the_step_visibly_within_its_budget(
     [lost] = await stack.events(run_id, StepAttemptFailed)
     assert lost.infrastructure and lost.attempt == 1
     assert len(ledger_lines(ledger)) == 2  # one execution per attempt, two attempts: the cap
-    print(f"\nfull blob disk: step failed visibly after {took:.1f} s, {len(ledger_lines(ledger))} executions")
+    recovery.record("full blob disk while storing outputs", took, what="the step failed visibly (infrastructure cap)",
+                    executions=len(ledger_lines(ledger)), attempts=2)
 
 
 async def test_a_blob_disk_freed_while_the_writes_retry_succeeds_with_one_execution(
@@ -215,7 +216,7 @@ class AgentProc:
 
 
 async def test_an_agent_restarted_mid_step_does_not_use_the_operators_retries(
-        stacks: Any, tmp_path: Path) -> None:
+        stacks: Any, tmp_path: Path, recovery: Any) -> None:
     """``retries: 0`` and the agent is SIGKILLed and restarted while the step runs: the attempt is
     reported lost by the agent, retried as attempt 2 without counting against ``retries``, and
     the step succeeds. Its attempt record says ``infrastructure``; no StepFailed."""
@@ -246,7 +247,9 @@ async def test_an_agent_restarted_mid_step_does_not_use_the_operators_retries(
         assert [(a.attempt, a.infrastructure) for a in lost] == [(n, True) for n in range(1, step.attempt)], lost
         assert not await stack.events(run_id, StepFailed)
         assert len(ledger_lines(ledger)) == 2  # attempt 1 (killed with its agent) and the one that ran
-        print(f"\nagent restarted mid-step: run complete {time.monotonic() - killed:.1f} s after the kill")
+        recovery.record("machine agent SIGKILLed and restarted mid-step", time.monotonic() - killed,
+                        what="the run complete", executions=len(ledger_lines(ledger)), input_sets=1,
+                        attempts=step.attempt)
     finally:
         agent.kill()
 
@@ -275,7 +278,7 @@ async def test_an_unreachable_agent_fails_the_step_after_the_infrastructure_cap(
 
 
 async def test_the_stream_leader_killed_mid_run_loses_nothing_and_runs_nothing_twice(
-        cluster: NatsCluster, cluster_store: EventStore, agent_url: str, tmp_path: Path) -> None:
+        cluster: NatsCluster, cluster_store: EventStore, agent_url: str, tmp_path: Path, recovery: Any) -> None:
     """Solver and executor on a three-node cluster (R3). With six steps running on the agent,
     the stream leader is SIGKILLed and the steps are let finish: every step succeeds on its
     first attempt, each input set ran once (ledger), every output is stored."""
@@ -298,8 +301,8 @@ async def test_the_stream_leader_killed_mid_run_loses_nothing_and_runs_nothing_t
         outputs = sorted((tmp_path / "blobs" / unit_key(run_id, u)).read_text()
                          for s in state.steps.values() for u in s.outputs)
         assert outputs == sorted(f"done {i}" for i in items)
-        print(f"\nstream leader {leader.name} SIGKILLed with {len(items)} steps finishing: run complete "
-              f"{took:.1f} s later, {len(ledger_lines(ledger))} executions")
+        recovery.record("stream leader node SIGKILLed mid-run", took, what="the run complete",
+                        executions=len(ledger_lines(ledger)), input_sets=len(items))
     finally:
         await stack.stop()
 

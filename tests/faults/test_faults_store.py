@@ -59,7 +59,7 @@ async def test_two_appenders_of_the_same_fact_both_get_its_one_sequence(
 
 
 async def test_reads_and_appends_ride_out_the_stream_leader_being_killed(
-        cluster: NatsCluster, cluster_stores: Callable[..., Awaitable[EventStore]]) -> None:
+        cluster: NatsCluster, cluster_stores: Callable[..., Awaitable[EventStore]], recovery: Any) -> None:
     """A writer and a reader on different connections keep going while the stream's leader node
     is SIGKILLed and restarted: no call fails, and every read sees every append acknowledged
     before it (read-your-writes whichever replica answers)."""
@@ -91,6 +91,6 @@ async def test_reads_and_appends_ride_out_the_stream_leader_being_killed(
         await step(i)
     events = await reader.read(run_filter(run_id))
     assert [e.envelope.id for e in events] == [f"{run_id}:{i}" for i in range(80)]
-    print(f"\nleader {leader.name} killed: 40 append+read pairs in {recovered:.2f} s, "
-          f"longest single pair {max(stalls):.2f} s")
+    recovery.record("stream leader node SIGKILLed under appends and reads", max(stalls),
+                    what="the longest append+read pair", pairs_after_kill=40, pairs_after_kill_s=round(recovered, 2))
     assert max(stalls) < 15.0
