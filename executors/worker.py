@@ -161,7 +161,7 @@ class StepWorker:
         wanted = self.ack_wait if self.update_consumer else existing
         if not self.update_consumer and abs(existing - self.ack_wait) > 1e-6:
             log.warning("the shared consumer's ack-wait differs from this executor's; using the consumer's "
-                        "(update it explicitly to change it for every executor)",
+                        "(start one executor with --executor-update-consumer to change it for every executor)",
                         extra={"executor": self.name, "consumer_ack_wait": existing, "configured_ack_wait": self.ack_wait})
         self.ack_wait = wanted
         config = self.consumer_config(wanted)
