@@ -366,17 +366,18 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 async def run_events(request: web.Request) -> web.StreamResponse:
     run_id = await route_run(request)
-    if not _wants_sse(request):
-        return await history(request)
     types = _types(request.query.getall("type", []))
+    if not _wants_sse(request):
+        return await history(request, types)
     after = _position(request)
     if not (await ctx(request).runs.get(run_id)).version:
         raise NotFound(f"run {run_id!r} does not exist")
     return await _stream(request, stream_filters([run_id], types), after, run_id)
 
 
-async def history(request: web.Request) -> web.Response:
-    """The run's events in order, as the audit trail: who (``actor``) did what, when."""
+async def history(request: web.Request, types: list[type] | None = None) -> web.Response:
+    """The run's events in order, as the audit trail: who (``actor``) did what, when (only
+    those of ``types`` when given: ``/events?type=`` without ``Accept: text/event-stream``)."""
     c = ctx(request)
     run_id = await route_run(request)
     after = _position(request)
@@ -384,6 +385,8 @@ async def history(request: web.Request) -> web.Response:
     events = [e for e in await c.store.read(key_filter("run", run_id), after + 1) if e.seq > after]
     if not events and not after:
         raise NotFound(f"run {run_id!r} has no history")
+    if types:
+        events = [e for e in events if type(e.event) in types]
     page = events[:limit]
     body = History(
         events=[HistoryEvent(sequence=e.seq, id=e.envelope.id, type=e.event.event_type,

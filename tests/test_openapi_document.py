@@ -149,3 +149,13 @@ async def test_json_bodies_must_be_objects(api: Api, body: bytes) -> None:
         status, answer = await api.call("POST", path, data=body, headers=headers)
         assert status == 400 and "must be an object" in answer["error"], (path, answer)
     assert (await api.run(run_id))["status"] == "created"  # nothing changed
+
+
+async def test_a_runs_events_as_json_take_the_type_filter_too(api: Api) -> None:
+    run_id = await api.create_run()
+    assert (await api.call("POST", f"/api/run/{run_id}/run"))[0] == 200
+    await api.wait_status(run_id, "complete")
+    status, body = await api.call("GET", f"/api/run/{run_id}/events?type=RunStarted")
+    assert status == 200 and [e["type"] for e in body["events"]] == ["RunStarted"]
+    status, body = await api.call("GET", f"/api/run/{run_id}/events?type=NoSuchEvent")
+    assert status == 400 and "NoSuchEvent" in body["error"]
