@@ -28,7 +28,7 @@ from schemathesis.engine import Status, events, from_schema
 from support import Api
 
 TOKEN = "schemathesis-token-0123456789abcdef"
-MAX_EXAMPLES = 8
+MAX_EXAMPLES = 15
 """Generated cases per operation and phase: enough that every check sees every operation."""
 
 REGISTRY_REFERENCES = {
