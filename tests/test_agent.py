@@ -523,7 +523,8 @@ async def test_max_parallel_queues_and_ttl_expires(tmp_path):
             assert st["state"] == "succeeded"
             # --result-ttl: the finished step disappears by itself
             await wait_for(lambda: _is_gone(c, "fast"), timeout=10, what="the result to expire")
-            assert not (work / "steps" / "fast").exists()
+            # its files go after it is forgotten (removed off the event loop)
+            await wait_for(lambda: not (work / "steps" / "fast").exists(), timeout=10, what="its files to go")
     finally:
         await running.stop()
 
