@@ -197,6 +197,9 @@ async def test_the_examples_run_registry_and_machines(api: Api, page: Page, shot
     local = page.locator('#machines-table tr[data-machine="local"] td.health')
     await expect(local).to_have_attribute("data-ok", "true")
     await expect(local).to_contain_text("healthy")
+    row = page.locator('#machines-table tr[data-machine="local"]')
+    await expect(row.locator("td.owner")).to_have_text("serve")  # the built-in machine, shared with everyone
+    await expect(row.locator("td.shared")).to_have_text("everyone")
     await shot("machines")
 
 

@@ -543,7 +543,7 @@ async function machinesPage() {
   };
   main.replaceChildren(h("h1", {}, "Machines"),
     machines.length ? table(`${plural(machines.length, "machine")} (health checked when this page opened)`,
-      ["Name", "URL", "Labels", "Token", "Registered", "Health", ""],
+      ["Name", "URL", "Labels", "Token", "Owner", "Shared with", "Registered", "Health", ""],
       machines.map((m) => {
         health[m.name] = h("td", { class: "health" });
         return h("tr", { dataset: { machine: m.name } },
@@ -551,6 +551,8 @@ async function machinesPage() {
           h("td", {}, h("code", {}, m.url)),
           h("td", {}, Object.entries(m.labels).map(([k, v]) => h("span", { class: "label" }, `${k}=${v}`))),
           h("td", {}, m.hasToken ? "yes" : "no"),
+          h("td", { class: "owner" }, m.owner || "–"),
+          h("td", { class: "shared" }, (m.sharedWith || []).map((p) => (p === "*" ? "everyone" : p)).join(", ") || "–"),
           h("td", {}, ago(m.registeredAt)),
           health[m.name],
           h("td", {}, h("button", { type: "button", onclick: () => act(() => check(m.name)) }, "Check")));
