@@ -94,3 +94,39 @@ async def test_reads_and_appends_ride_out_the_stream_leader_being_killed(
     recovery.record("stream leader node SIGKILLed under appends and reads", max(stalls),
                     what="the longest append+read pair", pairs_after_kill=40, pairs_after_kill_s=round(recovered, 2))
     assert max(stalls) < 15.0
+
+
+async def test_a_conditional_append_whose_answer_was_lost_is_not_a_conflict(
+        tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """The server stops answering (SIGSTOP) while a conditional append (``expected_seq=0``, as a
+    run's creation) is in flight: the store gives up on the answer after ``attempt_timeout`` and
+    retries with the same message id. When the server resumes it stores the first try and
+    refuses the retry as a wrong last sequence; the store recognises its own message there and
+    answers the stored sequence, not a conflict (which the API would have turned into an error)."""
+    import signal
+
+    from mlynar_events.nats_server import EmbeddedNats
+    from support import wait_until
+
+    server = EmbeddedNats(tmp_path / "nats")
+    store = await EventStore.connect(await server.start())
+    caplog.set_level(logging.INFO, logger="mlynar.store")
+    try:
+        run_id = str(uuid.uuid4())
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            append = asyncio.ensure_future(store.append(RunCreated(run_id=run_id), actor="test",
+                                                        msg_id=f"{run_id}:created", expected_seq=0))
+            async def retried() -> bool:
+                return _retries(caplog, "") >= 1
+
+            await wait_until(retried, 30, what="the append's first try to time out")
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+        ack = await asyncio.wait_for(append, 30)
+        stored = await store.read(run_filter(run_id))
+        assert [e.envelope.id for e in stored] == [f"{run_id}:created"] and ack.seq == stored[0].seq
+    finally:
+        await store.close()
+        await server.stop()
