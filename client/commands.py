@@ -112,10 +112,7 @@ async def _delete(api: Api, ns: argparse.Namespace) -> int:
     from . import render
 
     answer = await api.json("DELETE", DELETE_PATH[ns.what].format(ns.name))
-    if ns.output != "table":
-        render.emit(answer, ns.output)
-    else:
-        render.console().print(f"{ns.what} {ns.name} deleted")
+    render.emit(answer, ns.output, f"{ns.what} {ns.name} deleted")
     return OK
 
 
@@ -298,11 +295,8 @@ async def _terminate(api: Api, ns: argparse.Namespace) -> int:
     from . import render
 
     body = await api.json("POST", f"/api/run/{ns.id}/terminate", params={"cancel": "true" if ns.cancel else "false"})
-    if ns.output != "table":
-        render.emit(body, ns.output)
-    else:
-        how = "running steps cancelled" if ns.cancel else "running steps finish first"
-        render.console().print(f"run {body['id']} {body['status']} ({how})")
+    how = "running steps cancelled" if ns.cancel else "running steps finish first"
+    render.emit(body, ns.output, f"run {body['id']} {body['status']} ({how})")
     return OK
 
 
@@ -310,10 +304,7 @@ async def _run_delete(api: Api, ns: argparse.Namespace) -> int:
     from . import render
 
     body = await api.json("DELETE", f"/api/run/{ns.id}")
-    if ns.output != "table":
-        render.emit(body, ns.output)
-    else:
-        render.console().print(f"run {ns.id} deleted")
+    render.emit(body, ns.output, f"run {ns.id} deleted")
     return OK
 
 
@@ -365,10 +356,7 @@ async def _token_revoke(api: Api, ns: argparse.Namespace) -> int:
     from . import render
 
     body = await api.json("DELETE", f"/api/tokens/{ns.id}")
-    if ns.output != "table":
-        render.emit(body, ns.output)
-    else:
-        render.console().print(f"token {body['id']} of {body['principal']} revoked")
+    render.emit(body, ns.output, f"token {body['id']} of {body['principal']} revoked")
     return OK
 
 

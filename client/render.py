@@ -31,7 +31,8 @@ def console(stderr: bool = False) -> Console:
 
 
 def emit(data: Any, fmt: str, table: Any | None = None) -> None:
-    """``data`` as JSON or YAML on stdout, or ``table`` (a rich renderable) for ``-o table``."""
+    """``data`` as JSON or YAML on stdout, or ``table`` (a rich renderable, or a line of text) for
+    ``-o table``."""
     if fmt == "json":
         sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     elif fmt == "yaml":
