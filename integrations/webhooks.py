@@ -147,8 +147,11 @@ class WebhookDispatcher:
                 if sub.pending == 0:  # caught up: act on the folded state, not on each step of history
                     await self._reconcile()
         finally:
+            deliveries = list(self.tasks.values())
+            for task in deliveries:  # at once: asked to stop even if this cleanup is itself cut short
+                task.cancel()
+            await cancel_and_wait(deliveries)
             await sub.close()
-            await cancel_and_wait(list(self.tasks.values()))
             await self.http.close()
 
     async def _until_it_works(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -160,6 +163,8 @@ class WebhookDispatcher:
             try:
                 return await call()
             except (NatsError, OSError, asyncio.TimeoutError) as exc:
+                if self.store.nc.is_closed:  # stopping: nothing to wait for
+                    raise
                 tries += 1
                 log.warning("webhook dispatcher cannot %s yet; retrying", what, extra={"error": repr(exc)})
                 await asyncio.sleep(min(5.0, 0.2 * 2 ** min(tries, 5)))
@@ -236,6 +241,10 @@ class WebhookDispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if self.store.nc.is_closed:
+                    # the service is stopping (a cancellation nats-py's wait_for swallowed, gh-86296,
+                    # must not leave this loop retrying forever on a closed connection)
+                    return
                 failures += 1
                 log.exception("webhook delivery loop failed; restarting it", extra={"webhook_id": hook.id})
                 await asyncio.sleep(self._backoff(failures))
