@@ -317,8 +317,13 @@ async def _stream(request: web.Request, filters: list[str] | None, after: int,
         quiet_since = loop.time()
         while not done:
             try:
-                item = await asyncio.wait_for(queue.get(), min(heartbeat, DISCONNECT_CHECK))
-            except asyncio.TimeoutError:
+                if queue.empty():
+                    # asyncio.timeout, not wait_for: no task per wait (with 200 streams, one per event each)
+                    async with asyncio.timeout(min(heartbeat, DISCONNECT_CHECK)):
+                        item = await queue.get()
+                else:
+                    item = queue.get_nowait()
+            except TimeoutError:
                 if reader is not None and reader.done():
                     reader.result()  # the subscription ended: say why (logged below)
                     break
