@@ -125,7 +125,8 @@ class RunState:
                     self.active += 1
             case StepStarted():
                 step = self.steps.get(event.step_id)
-                if step and not step.finished:
+                # a late StepStarted of an older attempt (appended after the next one's) changes nothing
+                if step and not step.finished and event.attempt >= step.attempt:
                     step.status, step.attempt, step.started = STEP_STATUS_AFTER[StepStarted], event.attempt, event
             case StepAttemptFailed():
                 step = self.steps.get(event.step_id)

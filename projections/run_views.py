@@ -57,8 +57,8 @@ def _step_scheduled(b: Batch, e: StepScheduled, seq: int, at: str) -> None:
 def _step_started(b: Batch, e: StepStarted, seq: int, at: str) -> None:
     b.execute(
         "UPDATE steps SET status = ?, attempt = ?, target = ?, external_id = ?,"
-        " started_at = COALESCE(started_at, ?) WHERE id = ? AND status IN ('created', 'running')",
-        (STEP_STATUS_AFTER[StepStarted], e.attempt, e.target, e.external_id, at, e.step_id),
+        " started_at = COALESCE(started_at, ?) WHERE id = ? AND status IN ('created', 'running') AND attempt <= ?",
+        (STEP_STATUS_AFTER[StepStarted], e.attempt, e.target, e.external_id, at, e.step_id, e.attempt),
     )
     b.touch(e.run_id, seq, at)
 
