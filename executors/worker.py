@@ -116,6 +116,7 @@ class StepWorker:
         self.running: dict[str, Attempt] = {}  # step_id -> current attempt
         self.held: dict[int, Any] = {}  # the messages being handled, beaten by one ticker
         self.heartbeat_late_max = 0.0  # seconds the ticker woke up late, at worst (a busy loop)
+        self.heartbeat_rounds = 0  # rounds of beats sent (the fault suite waits on it between stalls)
         self.active = 0  # messages being handled
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -261,6 +262,7 @@ class StepWorker:
                     await msg.in_progress()  # a publish: buffered while reconnecting, never awaited
                 except Exception:  # noqa: BLE001 - closed connection: the next beat or the redelivery
                     pass
+            self.heartbeat_rounds += 1
 
     async def _follow_ack_wait(self) -> None:
         """Follow the shared consumer's ack-wait, so that lowering it (``update_consumer`` on

@@ -27,7 +27,9 @@ from test_faults_executor import _true, agent_url, stacks  # noqa: F401  (fixtur
 from conftest import ledger_lines, ledger_operator
 
 ACK_WAIT = 1.5
-BLOCK = 0.8  # each stall of the event loop: more than a beat's interval, under two thirds of the ack-wait
+BLOCK = 1.1
+"""Each stall of the event loop, started right after a beat: the next beat comes more than one
+interval (0.5 s) late, and the gap between two beats stays under the ack-wait (1.5 s)."""
 
 
 async def test_a_live_executors_long_step_is_never_redelivered(
@@ -38,10 +40,14 @@ async def test_a_live_executors_long_step_is_never_redelivered(
     await stack.declare(agent_url, ledger_operator(tmp_path), {"LEDGER": str(ledger), "GATE": str(gate)})
     run_id = await stack.run_of(["a"])
     await wait_until(lambda: _true(len(ledger_lines(ledger)) == 1), what="the step running on the agent")
+    worker = stack.worker
+    assert worker is not None
     began = time.monotonic()
     while time.monotonic() - began < 4 * ACK_WAIT:  # the fault: a busy loop, over and over
+        rounds = worker.heartbeat_rounds
         time.sleep(BLOCK)  # noqa: ASYNC251 - blocking the executor's loop is the point
-        await asyncio.sleep(0.3)
+        # between stalls the loop runs until the ticker has beaten again (late, after the stall)
+        await wait_until(lambda: _true(worker.heartbeat_rounds > rounds), timeout=10, what="a heartbeat round")
     gate.touch()
     state = await stack.wait_status(run_id, "complete")
     [step] = state.steps.values()
