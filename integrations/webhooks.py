@@ -147,12 +147,26 @@ class WebhookDispatcher:
                 if sub.pending == 0:  # caught up: act on the folded state, not on each step of history
                     await self._reconcile()
         finally:
-            deliveries = list(self.tasks.values())
-            for task in deliveries:  # at once: asked to stop even if this cleanup is itself cut short
-                task.cancel()
-            await cancel_and_wait(deliveries)
+            await self._stop_deliveries()
             await sub.close()
             await self.http.close()
+
+    async def _stop_deliveries(self, timeout: float = 5.0) -> None:
+        """Cancel every delivery task and wait until each has handed its event back (``nak``),
+        while the connection is still open. The host cancels this role again every 0.2 s until
+        it ends (``tasks.cancel_and_wait``); those cancellations must not cut this wait short, or
+        the store closes under a delivery still holding its event, which then waits the whole
+        ack-wait to be redelivered after a restart."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pending = {t for t in self.tasks.values() if not t.done()}
+        while pending and loop.time() < deadline:
+            for task in pending:
+                task.cancel()
+            try:
+                _, pending = await asyncio.wait(pending, timeout=0.2)
+            except asyncio.CancelledError:
+                continue  # the host's repeated cancellation: the role ends once this is done
 
     async def _until_it_works(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
         """``call()``, again after a pause while NATS is unreachable (the embedded server being
