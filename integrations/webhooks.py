@@ -20,7 +20,10 @@ Why it is built this way:
   to addresses that pass (:class:`mlynar_events.webhooks.GuardedResolver`); redirects are not
   followed, proxies from the environment are not used.
 * **What it records.** The last attempts per webhook go to the KV bucket
-  ``mlynar-webhook-deliveries``, where the API reads them: the roles meet on NATS only.
+  ``mlynar-webhook-deliveries``, where the API reads them: the roles meet on NATS only. A failed
+  attempt is written at once; successes at most every :data:`RECORD_EVERY` per webhook
+  (:class:`DeliveryLog`), because a write per delivery is a JetStream write per delivery on the
+  server the appends go to, and the records are a view, not the position.
 
 The dispatcher folds the webhook events from sequence 1 and keeps one delivery task per active
 webhook; a deleted webhook's consumer and records are removed.
@@ -69,6 +72,10 @@ T = TypeVar("T")
 ACTOR = "webhooks"
 DISABLED_IDS = uuid.UUID("0d7c2a4e-31f5-4c43-9a57-5c1b1d7e6f21")
 FETCH_WAIT = 5.0
+RECORD_EVERY = 0.25
+"""Seconds between two writes of a webhook's delivery records while only successes happen: a
+burst of deliveries is one write per webhook per interval. A crash loses at most that much of
+the record (never a delivery: the consumer's position is the truth)."""
 """Seconds one pull request waits on the server for the next event (it returns at once when
 one arrives; this only bounds how often an idle webhook's task wakes up)."""
 
@@ -101,6 +108,82 @@ class Hook:
 
 class SecretMissing(Exception):
     pass
+
+
+class Heartbeat:
+    """Keeps holding a message that is being delivered or retried (else it would go to another
+    replica): ``in_progress`` every ``interval``. Timers, not a task, because nearly every delivery
+    ends long before the first beat, and a task per delivery is CPU the append path shares."""
+
+    def __init__(self, msg: Msg, interval: float) -> None:
+        self.msg = msg
+        self.interval = interval
+        self.loop = asyncio.get_running_loop()
+        self.beats: set[asyncio.Task] = set()  # held: the loop keeps only weak references
+        self._timer = self.loop.call_later(interval, self._beat)
+
+    def _beat(self) -> None:
+        task = self.loop.create_task(self.msg.in_progress())
+        self.beats.add(task)
+        task.add_done_callback(self._done)
+        self._timer = self.loop.call_later(self.interval, self._beat)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.beats.discard(task)
+        if not task.cancelled():
+            task.exception()  # a missed beat is retried by the next one: not an error to report
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class DeliveryLog:
+    """A webhook's last attempts and their record in the KV bucket.
+
+    :meth:`add` of a failure writes at once (a user looking at a failing webhook sees why, and
+    the record is there before ``WebhookDisabled`` is); a success schedules one write for
+    :data:`RECORD_EVERY` later, which then carries every attempt added meanwhile."""
+
+    def __init__(self, kv: KeyValue, webhook_id: str, kept: list[DeliveryAttempt]) -> None:
+        self.kv = kv
+        self.webhook_id = webhook_id
+        self.attempts: deque[DeliveryAttempt] = deque(kept, maxlen=KEPT_DELIVERIES)
+        self._later: asyncio.Task | None = None
+        self._unwritten = False
+
+    async def add(self, attempt: DeliveryAttempt) -> None:
+        self.attempts.append(attempt)
+        self._unwritten = True
+        if attempt.error is not None:
+            await self.write()
+        elif self._later is None or self._later.done():
+            self._later = asyncio.create_task(self._write_later(), name=f"webhook-record-{self.webhook_id}")
+
+    async def _write_later(self) -> None:
+        await asyncio.sleep(RECORD_EVERY)
+        await self.write()
+
+    async def write(self) -> None:
+        """The attempts so far, if any is unwritten; a failure to write never holds up delivery."""
+        if not self._unwritten:
+            return
+        self._unwritten = False
+        try:
+            await self.kv.put(self.webhook_id, deliveries_json(self.attempts))
+        except asyncio.CancelledError:
+            self._unwritten = True  # close() writes it
+            raise
+        except Exception:  # noqa: BLE001 - the record is a view; the delivery is what counts
+            self._unwritten = True
+            log.warning("could not record a webhook delivery", exc_info=True, extra={"webhook_id": self.webhook_id})
+
+    async def close(self) -> None:
+        """What is still unwritten, now (the delivery task is stopping)."""
+        if self._later is not None:
+            self._later.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._later
+        await self.write()
 
 
 def _describe(exc: BaseException, timeout: float) -> str:
@@ -281,7 +364,8 @@ class WebhookDispatcher:
 
     async def _deliver(self, hook: Hook) -> None:
         psub = await self.store.js.pull_subscribe_bind(await self._ensure_consumer(hook), stream=STREAM)
-        history = deque(await read_deliveries(self.kv, hook.id), maxlen=KEPT_DELIVERIES)
+        assert self.kv is not None
+        history = DeliveryLog(self.kv, hook.id, await read_deliveries(self.kv, hook.id))
         log.info("delivering webhook", extra={"webhook_id": hook.id, "url": hook.url})
         try:
             while True:
@@ -293,10 +377,12 @@ class WebhookDispatcher:
                     if not await self._deliver_one(hook, msg, history):
                         return
         finally:
-            with contextlib.suppress(Exception):  # the connection may be closing already
+            with contextlib.suppress(Exception, asyncio.CancelledError):  # the connection may be closing already
+                await asyncio.shield(history.close())
+            with contextlib.suppress(Exception):
                 await psub.unsubscribe()
 
-    async def _deliver_one(self, hook: Hook, msg: Msg, history: deque[DeliveryAttempt]) -> bool:
+    async def _deliver_one(self, hook: Hook, msg: Msg, history: DeliveryLog) -> bool:
         """Deliver one event until a 2xx (then ack it: True) or until the webhook is disabled
         (then hand it back, to be the first delivered when it is enabled: False)."""
         stored = decode(msg)
@@ -306,15 +392,16 @@ class WebhookDispatcher:
         if hook.sees_as is not None and not await self._visible(hook.sees_as, stored):
             await msg.ack()  # not the member's to see: passed over, not delivered
             return True
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        heartbeat = Heartbeat(msg, max(self.settings.ack_wait / 3, 0.2))
         try:
             failures = 0
             while True:
                 attempt = await self._attempt(hook, stored, failures + 1)
-                history.append(attempt)
-                await self._record(hook, history)
+                await history.add(attempt)
                 if attempt.error is None:
-                    await msg.ack_sync()
+                    # not ack_sync: with max_ack_pending=1 the server hands out the next event only
+                    # once it has this ack, and a lost ack is a redelivery, which at least once allows
+                    await msg.ack()
                     return True
                 failures += 1
                 if failures >= self.settings.max_failures:
@@ -390,14 +477,6 @@ class WebhookDispatcher:
             self._secret_values[ref] = value
         return value
 
-    async def _record(self, hook: Hook, history: deque[DeliveryAttempt]) -> None:
-        """The last attempts to the KV bucket; a failure to record never holds up delivery."""
-        assert self.kv is not None
-        try:
-            await self.kv.put(hook.id, deliveries_json(history))
-        except Exception:  # noqa: BLE001 - the record is a view; the delivery is what counts
-            log.warning("could not record a webhook delivery", exc_info=True, extra={"webhook_id": hook.id})
-
     async def _disable(self, hook: Hook, stored: StoredEvent, failures: int, error: str) -> None:
         """Append ``WebhookDisabled`` (retried until it lands; its id is derived from the epoch, so
         a retry or a second replica appends it once)."""
@@ -419,13 +498,6 @@ class WebhookDispatcher:
         hook.active = False  # at once, before the fold sees it: no task is restarted meanwhile
         log.warning("webhook failing: delivery stopped until it is enabled",
                     extra={**_log_context(hook, stored), "failures": failures, "error": error})
-
-    async def _heartbeat(self, msg: Msg) -> None:
-        """Keep holding a message that is being retried (else it would go to another replica)."""
-        while True:
-            await asyncio.sleep(max(self.settings.ack_wait / 3, 0.2))
-            with contextlib.suppress(Exception):
-                await msg.in_progress()
 
     def _backoff(self, failures: int) -> float:
         """Exponential from ``retry_base``, capped at ``retry_cap``, with jitter (50-100 %) so

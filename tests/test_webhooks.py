@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from cloudevents.core.formats.json import JSONFormat
+from nats.js.errors import KeyNotFoundError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from mlynar_events.events import StoredEvent, WebhookDisabled, key_filter
@@ -275,8 +277,15 @@ async def test_rotation_signs_with_both_during_grace_and_no_secret_leaks(make_se
     for stored in await api.service.store.read("mlynar.>"):
         assert not any(n in stored.envelope.to_bytes() for n in needles), stored.envelope.type
     kv = await api.service.store.js.key_value(DELIVERIES_BUCKET)
-    record = (await kv.get(hook["id"])).value
-    assert record and not any(n in record for n in needles)
+
+    async def recorded() -> bytes | None:  # successes are recorded within RECORD_EVERY
+        with contextlib.suppress(KeyNotFoundError):
+            value = (await kv.get(hook["id"])).value
+            return value if value and len(json.loads(value)) >= 3 else None
+        return None
+
+    record = await wait_until(recorded, what="the three deliveries recorded")
+    assert not any(n in record for n in needles)
     for path in ("/api/webhooks", f"/api/webhooks/{hook['id']}", f"/api/webhooks/{hook['id']}/deliveries"):
         async with api.http.get(path) as r:
             answer = await r.read()
