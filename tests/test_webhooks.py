@@ -298,6 +298,23 @@ async def test_rotation_signs_with_both_during_grace_and_no_secret_leaks(make_se
     await wait_until(lambda: _consumer_gone(api, hook["id"]), what="the webhook's consumer removed")
 
 
+async def test_deliveries_just_before_a_stop_are_in_the_records_after_it(make_service, receiver: Receiver) -> None:
+    """Successes are recorded at most every RECORD_EVERY; a stopping dispatcher writes what is
+    still unwritten, so a graceful stop right after deliveries loses none of their records."""
+    api = await make_service(**FAST)
+    hook = await create(api, url=receiver.url("last"), types=["RunCreated"])
+    for _ in range(3):
+        await api.create_run()
+    await wait_until(lambda: _ready(len(receiver.of("last")) == 3), what="three deliveries")
+    delivered = [h.headers["webhook-id"] for h in receiver.of("last")]
+    await api.http.close()
+    await api.service.stop()  # at once: the coalesced record is still pending
+    api = await make_service(roles=["api", "projector"], **FAST)  # no dispatcher that could write again
+    records = await deliveries(api, hook["id"])
+    assert [r["eventId"] for r in records] == delivered[::-1]
+    assert all(200 <= r["statusCode"] < 300 and r["error"] is None for r in records)
+
+
 async def test_runs_and_types_filters_deliver_exactly_those_events(make_service, receiver: Receiver) -> None:
     api = await make_service(**FAST)
     r1, r2, other = await api.create_run(), await api.create_run(), await api.create_run()
