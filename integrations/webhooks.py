@@ -72,12 +72,12 @@ T = TypeVar("T")
 ACTOR = "webhooks"
 DISABLED_IDS = uuid.UUID("0d7c2a4e-31f5-4c43-9a57-5c1b1d7e6f21")
 FETCH_WAIT = 5.0
+"""Seconds one pull request waits on the server for the next event (it returns at once when
+one arrives; this only bounds how often an idle webhook's task wakes up)."""
 RECORD_EVERY = 0.25
 """Seconds between two writes of a webhook's delivery records while only successes happen: a
 burst of deliveries is one write per webhook per interval. A crash loses at most that much of
 the record (never a delivery: the consumer's position is the truth)."""
-"""Seconds one pull request waits on the server for the next event (it returns at once when
-one arrives; this only bounds how often an idle webhook's task wakes up)."""
 
 
 @dataclass
