@@ -89,25 +89,13 @@ class Receiver:
             await asyncio.wait_for(self.arrived.wait_for(lambda: all(k in self.seen for k in keys)), 30)
 
 
-async def _append_burst(store: EventStore, n: int) -> tuple[list[float], list[str]]:
-    """``n`` appends one after the other: each acknowledgement's latency (ms), the event ids."""
-    latencies, ids = [], []
-    for _ in range(n):
-        event_id = str(uuid.uuid4())
-        t0 = time.perf_counter()
-        await store.append(RunCreated(run_id=str(uuid.uuid4())), actor="bench", msg_id=event_id)
-        latencies.append((time.perf_counter() - t0) * 1000)
-        ids.append(event_id)
-    return latencies, ids
-
-
-async def _append_paced(store: EventStore, n: int, rate: float) -> list[float]:
-    """``n`` appends at ``rate`` a second (each due at its slot; a late one goes at once): each
-    acknowledgement's latency (ms)."""
+async def _appends(store: EventStore, n: int, rate: float | None = None) -> list[float]:
+    """``n`` appends, back to back or at ``rate`` a second (each due at its slot; a late one goes
+    at once): each acknowledgement's latency (ms)."""
     latencies = []
     start = time.perf_counter()
     for k in range(n):
-        delay = start + k / rate - time.perf_counter()
+        delay = start + k / rate - time.perf_counter() if rate else 0.0
         if delay > 0:
             await asyncio.sleep(delay)  # pacing the load, not waiting for anything
         t0 = time.perf_counter()
@@ -141,9 +129,9 @@ async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
             store = await EventStore.connect(url)
             http = aiohttp.ClientSession()
             try:
-                await _append_burst(store, 50)  # warm-up: connections, the stream's first blocks
-                quiet_paced = await _append_paced(store, paced, PACED_RATE)  # before any webhook: the floors
-                quiet, _ = await _append_burst(store, burst)
+                await _appends(store, 50)  # warm-up: connections, the stream's first blocks
+                quiet_paced = await _appends(store, paced, PACED_RATE)  # before any webhook: the floors
+                quiet = await _appends(store, burst)
                 names = [f"h{n}" for n in range(hooks)]
                 for name in names:
                     async with http.post(f"{service.url}/api/webhooks", json={
@@ -170,11 +158,11 @@ async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
                     async with http.post(f"{service.url}/api/webhooks", json={
                             "url": f"http://127.0.0.1:{sink_port}/hook/{name}", "types": ["RunCreated"]}) as r:
                         assert r.status == 201, await r.text()
-                busy_paced = await _append_paced(store, paced, PACED_RATE)  # while the webhooks deliver them
+                busy_paced = await _appends(store, paced, PACED_RATE)  # while the webhooks deliver them
                 last = time.perf_counter()
                 await _wait_count(http, sink_port, hooks * paced)
                 backlog = (time.perf_counter() - last) * 1000
-                busy, _ = await _append_burst(store, burst)
+                busy = await _appends(store, burst)
                 await _wait_count(http, sink_port, hooks * (paced + burst))
                 say(f"  webhooks: {events} events to {hooks} webhooks one at a time, {paced} appends at "
                     f"{PACED_RATE:g}/s, bursts of {burst} appends")
