@@ -9,8 +9,9 @@ path. One ``mlynar serve --roles api,projector,webhooks`` child process; W webho
   append, at a steady :data:`PACED_RATE` appends per second (W times that many deliveries a
   second). Its floor is the same appends while a bare aiohttp client in its own process
   (:data:`POSTER`) sends the same number of POSTs of the same size to the same receiver: on one
-  machine the HTTP traffic itself takes CPU from the appends (on 2 cores it roughly doubles
-  their p99 with no Mlynar code running), and what a delivery must not add is load beyond it.
+  machine the HTTP traffic itself takes CPU from the appends (in a bare nats-py experiment on 2
+  cores it doubled their p99; here, with the service's projector already busy, it moves less),
+  and what a delivery must not add is load beyond it.
   The same appends with no traffic at all are reported next to it. A back-to-back burst is
   measured too, with no target: on a 2-core machine the burst's own floor (appender,
   nats-server, projector) already keeps both cores busy, so it measures how CPU is shared, not
@@ -246,7 +247,7 @@ async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
     v, f = percentile(busy_paced, 99), percentile(quiet_paced, 99)
     out.append(Result("webhook append ack p99 while delivering, against no traffic", v, "ms", f, ratio(v, f),
                       note=paced_note + "; floor = the same appends with no webhook and no HTTP traffic. No target: on "
-                      "one 2-core machine the HTTP traffic alone raises this floor (see the figure above)"))
+                      "one machine the HTTP traffic alone can raise this floor (the figure above has it in its floor)"))
     out.append(Result("webhook backlog after the last paced append", backlog, "ms",
                       note=f"from the last paced append's ack until the receiver had all {hooks * paced} deliveries "
                            "(sampled every 10 ms): deliveries keep up with the appends"))
