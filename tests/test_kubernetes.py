@@ -4,9 +4,10 @@ download/upload containers against the real API, operators as ``test/python`` im
 
 from __future__ import annotations
 
+import fcntl
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 import pytest
@@ -66,6 +67,29 @@ def kube_settings(fake: FakeKube, tmp_path: Path) -> dict[str, Any]:
     return dict(kube_config=fake.kubeconfig(tmp_path / "kubeconfig"), kube_namespace=NS,
                 kube_wrapper_image=fake.wrapper_image, kube_api_url=f"http://127.0.0.1:{port}", port=port,
                 registry=[EXAMPLES / "datakinds.yaml", registry], local_machine=False)
+
+
+class Gate:
+    """A file whose lock the test holds: the ``gate`` test operator (``ops.py gate PATH``) blocks
+    on it, without polling, until :meth:`open`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._held = path.open("w")
+        fcntl.flock(self._held, fcntl.LOCK_EX)
+
+    def open(self) -> None:
+        fcntl.flock(self._held, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        self._held.close()
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[Gate]:
+    g = Gate(tmp_path / "gate")
+    yield g
+    g.close()
 
 
 @pytest.fixture
@@ -390,15 +414,14 @@ async def test_cancel_deletes_the_job_and_its_pods(kube, fake: FakeKube) -> None
 
 
 async def test_executor_restart_reattaches_to_the_running_job(fake: FakeKube, kube_settings, make_service, store,
-                                                               tmp_path: Path, nats_url: str) -> None:
-    gate = tmp_path / "gate"
+                                                               tmp_path: Path, nats_url: str, gate: Gate) -> None:
     settings = service_settings(tmp_path, nats_url, **kube_settings)
     first = Service(settings)
     await first.start()
     try:
         async with aiohttp.ClientSession(first.api_url) as http:
             api1 = Api(http, first)
-            await declare(api1, operator("gated", args=[str(OPS), "gate", str(gate)], inputs=[("INPUT_ARRAY", "number-array-json")],
+            await declare(api1, operator("gated", args=[str(OPS), "gate", str(gate.path)], inputs=[("INPUT_ARRAY", "number-array-json")],
                                          outputs=["number-array-sum-json"]))
             # only the gated operator consumes this kind
             for name in ("sum", "length", "average"):
@@ -414,7 +437,7 @@ async def test_executor_restart_reattaches_to_the_running_job(fake: FakeKube, ku
     await store.js.delete_consumer(STREAM, DURABLE)
     api2 = await make_service(**kube_settings)
     step = await wait_step(api2, run_id, "running")
-    gate.write_text("go")
+    gate.open()
     run = await api2.wait_status(run_id, "complete", timeout=30)
     assert [s["status"] for s in run["steps"]] == ["success"]
     sums = [u for u in run["dataPool"] if u["dataKind"] == "number-array-sum-json"]

@@ -7,7 +7,6 @@ the Kubernetes API stand-in (tests/kube_fake.py), the real service."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,15 +14,14 @@ import pytest
 from kube_fake import FakeKube
 from mlynar_events.events import StepAttemptFailed, StepFailed
 from support import wait_until
-from test_kubernetes import OPS, declare, kube, kube_settings, one_step_run, operator, operator_running  # noqa: F401
+from test_kubernetes import OPS, Gate, declare, gate, kube, kube_settings, one_step_run, operator, operator_running  # noqa: F401
 
 
 async def test_a_lost_attempts_running_job_is_removed_before_the_next_attempt_starts(
-        kube: Any, fake: FakeKube, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+        kube: Any, fake: FakeKube, gate: Gate, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
     caplog.set_level(logging.WARNING, "mlynar.executor.kubernetes")
-    gate = tmp_path / "gate"
     api = await kube()
-    await declare(api, operator("gated", args=[str(OPS), "gate", str(gate)], inputs=[("INPUT_ARRAY", "number-array-json")],
+    await declare(api, operator("gated", args=[str(OPS), "gate", str(gate.path)], inputs=[("INPUT_ARRAY", "number-array-json")],
                                 outputs=["number-array-sum-json"], retries=0))
     for name in ("sum", "length", "average"):  # only the gated operator consumes this kind
         assert (await api.call("DELETE", f"/api/operators/{name}"))[0] == 200
@@ -49,7 +47,7 @@ async def test_a_lost_attempts_running_job_is_removed_before_the_next_attempt_st
     await wait_until(lambda: _async(len([n for (p, n) in fake.created if p == "jobs"]) == 2), timeout=30,
                      what="attempt 2's job")
     assert fake.get("jobs", first_job) is None, "attempt 2's Job was created while attempt 1's still ran"
-    gate.write_text("go")
+    gate.open()
     run = await api.wait_status(run_id, "complete", timeout=60)
     [step] = run["steps"]
     assert (step["status"], step["attempt"]) == ("success", 2), step

@@ -2,10 +2,11 @@
 ``python ops.py <name>`` with the step environment of docs/ARCHITECTURE.md (inputs in ``<fileLocationEnv>``,
 outputs into ``$MLYNAR_OUTPUT_DIR`` with ``mlynar-out.json``)."""
 
+import fcntl
 import json
 import os
+import signal
 import sys
-import time
 from pathlib import Path
 
 
@@ -73,13 +74,12 @@ elif op == "private":
     (out.parent / "mlynar-out.json").write_text(json.dumps(manifest))
     print(f"wrote {result} with mode {oct(result.stat().st_mode & 0o777)}", flush=True)
 elif op == "gate":
-    # waits until the test creates the gate file, then behaves like sum
-    gate = Path(sys.argv[2])
-    deadline = time.monotonic() + 60
-    while not gate.exists():  # polls a file the test creates; gives up rather than hang
-        if time.monotonic() > deadline:
-            sys.exit(f"gave up waiting for {gate}")
-        time.sleep(0.05)
+    # blocks until the test releases its lock on the gate file, then behaves like sum; an alarm
+    # (SIGALRM ends the process) gives up after 60 s rather than hang
+    fd = os.open(sys.argv[2], os.O_RDONLY)
+    signal.alarm(60)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    signal.alarm(0)
     values = read("INPUT_ARRAY")
     write(("number-array-sum-json", "sum.json", {"sum": num(sum(values) * m)}))
 else:
