@@ -77,8 +77,34 @@ def new_secret_key(webhook_id: str) -> str:
 
 
 def consumer_name(webhook_id: str) -> str:
-    """The webhook's durable JetStream consumer."""
+    """The webhook's own durable JetStream consumer (while it is detached from the fan-out)."""
     return f"webhook-{webhook_id}"
+
+
+FANOUT_CONSUMER = "webhooks-fanout"
+"""The durable consumer of every event that the dispatcher fans out to the attached webhooks."""
+FANOUT_BUCKET = "mlynar-webhook-fanout"
+"""KV bucket with one key, :data:`ATTACHED_KEY`: which webhooks the fan-out delivers."""
+ATTACHED_KEY = "attached"
+
+
+def subject_matches(subject: str, filters: Iterable[str]) -> bool:
+    """Whether ``subject`` matches one of the JetStream ``filters`` (``*`` one token, ``>`` the
+    rest): what a webhook's own consumer would deliver, decided in process for the fan-out."""
+    tokens = subject.split(".")
+    for pattern in filters:
+        parts = pattern.split(".")
+        for i, part in enumerate(parts):
+            if part == ">":
+                if len(tokens) > i:
+                    return True
+                break
+            if i >= len(tokens) or (part != "*" and part != tokens[i]):
+                break
+        else:
+            if len(parts) == len(tokens):
+                return True
+    return False
 
 
 # ---- what a subscription receives --------------------------------------------------------------
@@ -226,6 +252,15 @@ async def deliveries_bucket(js: JetStreamContext, replicas: int = 1, create: boo
             return None
         return await js.create_key_value(bucket=DELIVERIES_BUCKET, history=1, replicas=replicas,
                                          description="the last delivery attempts of each webhook")
+
+
+async def fanout_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
+    """The KV bucket of the fan-out's record (which webhooks it serves); the dispatcher's alone."""
+    try:
+        return await js.key_value(FANOUT_BUCKET)
+    except BucketNotFoundError:
+        return await js.create_key_value(bucket=FANOUT_BUCKET, history=1, replicas=replicas,
+                                         description="which webhooks the shared fan-out delivers")
 
 
 async def read_deliveries(kv: KeyValue | None, webhook_id: str) -> list[DeliveryAttempt]:

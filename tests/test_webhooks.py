@@ -343,10 +343,10 @@ async def test_runs_and_types_filters_deliver_exactly_those_events(make_service,
 class ServeProcess:
     """``mlynar serve`` as a child process (so it can be SIGKILLed), on an external NATS."""
 
-    def __init__(self, tmp: Path, name: str, nats_url: str, *args: str) -> None:
+    def __init__(self, tmp: Path, name: str, nats_url: str, *args: str, data: str = "data") -> None:
         self.log = tmp / f"{name}.log"
         argv = [sys.executable, "-m", "mlynar_events.cli", "serve", "--nats-url", nats_url, "--data-dir",
-                str(tmp / "data"), "--port", "0", "--roles", "api,projector,webhooks", "--no-local-machine",
+                str(tmp / data), "--port", "0", "--roles", "api,projector,webhooks", "--no-local-machine",
                 "--log-format", "json", *args]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=out,
@@ -373,7 +373,7 @@ async def test_a_dispatcher_killed_mid_delivery_loses_nothing(nats_url: str, rec
     gets the event again after --webhook-ack-wait and delivers everything in order."""
     hold = receiver.holds["k"] = asyncio.Event()
     held = receiver.held
-    args = ("--webhook-ack-wait", "1", "--webhook-retry-base", "0.01", "--webhook-retry-cap", "0.05")
+    args = ("--webhook-ack-wait", "1", "--webhook-lease-ttl", "2", "--webhook-retry-base", "0.01", "--webhook-retry-cap", "0.05")
     first = ServeProcess(tmp_path, "first", nats_url, *args)
     second: ServeProcess | None = None
     try:
@@ -577,3 +577,103 @@ async def test_a_members_webhook_gets_only_what_the_member_may_see(make_service,
     finally:
         for s in sessions:
             await s.close()
+
+
+async def _attached(api: Api, *hooks: dict[str, Any]) -> bool:
+    """Every one of ``hooks`` is on the shared fan-out: it has no consumer of its own."""
+    return all([await _consumer_gone(api, hook["id"]) for hook in hooks])
+
+
+async def test_a_slow_and_a_failing_receiver_hold_no_other_webhook(make_service, receiver: Receiver) -> None:
+    """Three webhooks on the shared fan-out; one receiver then holds its request open, one
+    answers 503. The third gets every later event while the slow one is still held; the other
+    two continue on consumers of their own, get everything in order once they recover, and go
+    back to the fan-out."""
+    api = await make_service(**FAST)
+    hooks = {name: await create(api, url=receiver.url(name), types=["RunCreated"]) for name in ("fast", "slow", "down")}
+
+    def got(name: str, run_ids: list[str]) -> bool:
+        return set(run_ids) <= {verified(h).get_subject() for h in receiver.of(name)}
+
+    first = await api.create_run()
+    await wait_until(lambda: _ready(all(got(name, [first]) for name in hooks)), what="the first run everywhere")
+    await wait_until(lambda: _attached(api, *hooks.values()), what="every webhook on the fan-out")
+    hold = receiver.holds["slow"] = asyncio.Event()
+    receiver.status["down"] = 503
+    runs = [await api.create_run() for _ in range(5)]
+
+    await wait_until(lambda: _ready(got("fast", runs)), what="the fast webhook to get every run")
+    assert not hold.is_set() and [verified(h).get_subject() for h in receiver.held] == runs[:1]
+    assert not {verified(h).get_subject() for h in receiver.of("down")} & set(runs)
+    assert any(h.status == 503 for h in receiver.of("down", ok_only=False))
+    assert not await _consumer_gone(api, hooks["slow"]["id"]) and not await _consumer_gone(api, hooks["down"]["id"])
+    hold.set()
+    receiver.status["down"] = 200
+    await wait_until(lambda: _ready(got("slow", runs) and got("down", runs)), what="the recovered webhooks to catch up")
+    await wait_until(lambda: _attached(api, *hooks.values()), what="the recovered webhooks back on the fan-out")
+    later = await api.create_run()
+    await wait_until(lambda: _ready(all(got(name, [later]) for name in hooks)), what="an event after they are back")
+    for name, hook in hooks.items():
+        want = await expected_after(api, await created_seq(api, hook["id"]), {"RunCreated"})
+        assert in_order_once(receiver.of(name)) == [e.envelope.id for e in want], name
+        for hit in receiver.of(name):
+            verified(hit, hook["secret"])
+
+
+async def test_killing_the_delivering_replica_loses_nothing(nats_url: str, receiver: Receiver, tmp_path: Path) -> None:
+    """Two replicas; the one holding the webhooks' lease is SIGKILLed while events are being
+    fanned out. The other takes the lease over and delivers every event, in order."""
+    from mlynar_events.lease import LEASES_BUCKET
+    from mlynar_events.store import EventStore
+
+    args = ("--webhook-ack-wait", "1", "--webhook-lease-ttl", "2", "--webhook-retry-base", "0.01",
+            "--webhook-retry-cap", "0.05")
+    procs = [ServeProcess(tmp_path, name, nats_url, *args, data=name) for name in ("a", "b")]
+    store = await EventStore.connect(nats_url)
+    try:
+        urls = [await p.serving() for p in procs]
+
+        async def leader() -> ServeProcess | None:
+            with contextlib.suppress(Exception):
+                holder = (await (await store.js.key_value(LEASES_BUCKET)).get("webhooks")).value.decode()
+                return next((p for p in procs if f"-{p.proc.pid}-" in holder), None)
+            return None
+
+        first = await wait_until(leader, 30, what="one replica to hold the lease")
+        survivor = procs[1 - procs.index(first)]
+        async with aiohttp.ClientSession(urls[procs.index(survivor)]) as http:
+            api = Api(http, None)
+            hooks = [await create(api, url=receiver.url(f"h{i}"), types=["RunCreated"]) for i in range(2)]
+            await api.create_run()
+
+            async def attached() -> bool:
+                for hook in hooks:
+                    with contextlib.suppress(Exception):
+                        await store.js.consumer_info("MLYNAR", consumer_name(hook["id"]))
+                        return False
+                return True
+
+            await wait_until(attached, 30, what="the webhooks on the fan-out")
+            before = [await api.create_run() for _ in range(3)]
+            first.kill()
+            after = [await api.create_run() for _ in range(3)]
+
+            async def taken_over() -> bool:
+                return await leader() is survivor
+
+            await wait_until(taken_over, 30, what="the lease taken over")
+
+            async def all_delivered() -> bool:
+                return all(set(before + after) <= {verified(h).get_subject() for h in receiver.of(f"h{i}")}
+                           for i in range(2))
+
+            await wait_until(all_delivered, 60, what="every event after the takeover")
+        for i, hook in enumerate(hooks):
+            created = (await store.read(key_filter("webhook", hook["id"])))[0].seq
+            want = [e.envelope.id for e in await store.read("mlynar.>", created + 1)
+                    if e.event.event_type == "RunCreated"]
+            assert in_order_once(receiver.of(f"h{i}")) == want
+    finally:
+        await store.close()
+        for p in procs:
+            p.kill()
