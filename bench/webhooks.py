@@ -21,6 +21,7 @@ path. One ``mlynar serve --roles api,projector,webhooks`` child process; W webho
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import uuid
@@ -29,10 +30,13 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from mlynar_events.events import RunCreated
+from nats.js.errors import NotFoundError
+
+from mlynar_events.events import STREAM, RunCreated
 from mlynar_events.store import EventStore
 
 from mlynar_events.nats_server import free_port
+from mlynar_events.webhooks import consumer_name
 
 from .common import Result, ServeProcess, Sizes, embedded_nats, percentile, ratio, say
 
@@ -139,19 +143,58 @@ async def _appends(store: EventStore, n: int, rate: float | None = None) -> list
     return latencies
 
 
-async def _appends_beside_posts(store: EventStore, n: int, sink_port: int, streams: int, size: int) -> list[float]:
+async def _appends_beside_posts(store: EventStore, n: int, sink_port: int, streams: int, size: int
+                                ) -> tuple[list[float], float]:
     """:func:`_appends` at :data:`PACED_RATE` while :data:`POSTER` sends ``streams`` × that many
-    POSTs a second to the sink (it says "ready" once every client has had an answer)."""
+    POSTs a second to the sink (it says "ready" once every client has had an answer): the
+    latencies, and the CPU seconds the poster used meanwhile."""
     poster = await asyncio.create_subprocess_exec(sys.executable, "-c", POSTER, str(sink_port), str(streams),
                                                   str(PACED_RATE), str(size), stdout=asyncio.subprocess.PIPE)
     try:
         assert poster.stdout is not None
         line = await asyncio.wait_for(poster.stdout.readline(), 30)
         assert line.strip() == b"ready", line
-        return await _appends(store, n, PACED_RATE)
+        cpu0 = _cpu(poster.pid)
+        latencies = await _appends(store, n, PACED_RATE)
+        return latencies, _cpu(poster.pid) - cpu0
     finally:
         poster.terminate()
         await poster.wait()
+
+
+async def _on_the_fanout(store: EventStore, webhook_ids: list[str], timeout: float = 60.0) -> None:
+    """Until none of the webhooks has a consumer of its own: they are delivered by the shared
+    fan-out, the steady state the paced phase measures."""
+    deadline = time.monotonic() + timeout
+    pending = list(webhook_ids)
+    while pending:
+        try:
+            await store.js.consumer_info(STREAM, consumer_name(pending[0]))
+        except NotFoundError:
+            pending.pop(0)
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"webhook {pending[0]} still has its own consumer after {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+def _pid_of(*words: bytes) -> int:
+    """The process whose command line has every one of ``words`` (the nats-server of this run)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if all(w in cmd for w in words):
+                return int(proc.name)
+    raise RuntimeError(f"no process with {words}")
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _wait_count(http: aiohttp.ClientSession, port: int, want: int, timeout: float = 120.0) -> None:
@@ -169,7 +212,7 @@ async def _wait_count(http: aiohttp.ClientSession, port: int, want: int, timeout
 
 
 async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
-    hooks, events, burst, paced = (2, 30, 200, 100) if sizes.smoke else (10, 300, 2_000, 1_000)
+    hooks, events, burst, paced, rounds = (2, 30, 200, 100, 1) if sizes.smoke else (10, 300, 2_000, 2_000, 4)
     receiver = Receiver()
     await receiver.start()
     sink_port = free_port()
@@ -206,17 +249,42 @@ async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
                             assert d.status == 200
                 size = len(next(iter(receiver.bodies.values())))
                 await _wait_count(http, sink_port, 0)  # the sink is up
-                posts_paced = await _appends_beside_posts(store, paced, sink_port, hooks, size)
-                for name in names:  # the paced phase and the burst point at the sink
-                    async with http.post(f"{service.url}/api/webhooks", json={
-                            "url": f"http://127.0.0.1:{sink_port}/hook/{name}", "types": ["RunCreated"]}) as r:
-                        assert r.status == 201, await r.text()
-                busy_paced = await _appends(store, paced, PACED_RATE)  # while the webhooks deliver them
-                last = time.perf_counter()
-                await _wait_count(http, sink_port, hooks * paced)
-                backlog = (time.perf_counter() - last) * 1000
+                nats_pid = _pid_of(b"nats-server", str(tmp).encode())
+                posts_paced: list[float] = []
+                busy_paced: list[float] = []
+                cpu = {"poster": 0.0, "nats floor": 0.0, "serve": 0.0, "nats": 0.0}
+                delivered, backlog = 0, 0.0
+                for round_ in range(rounds):  # floor and measurement alternate: the machine's mood hits both
+                    n = paced // rounds
+                    nats0 = _cpu(nats_pid)
+                    lat, poster_cpu = await _appends_beside_posts(store, n, sink_port, hooks, size)
+                    posts_paced += lat
+                    cpu["poster"] += poster_cpu
+                    cpu["nats floor"] += _cpu(nats_pid) - nats0
+                    ids = []
+                    for name in names:  # the paced phase and the burst point at the sink
+                        async with http.post(f"{service.url}/api/webhooks", json={
+                                "url": f"http://127.0.0.1:{sink_port}/hook/{name}", "types": ["RunCreated"]}) as r:
+                            assert r.status == 201, await r.text()
+                            ids.append((await r.json())["id"])
+                    await _appends(store, 1)  # each new webhook's first delivery; then it joins the fan-out
+                    delivered += hooks
+                    await _wait_count(http, sink_port, delivered)
+                    await _on_the_fanout(store, ids)
+                    serve0, nats0 = _cpu(service.pid), _cpu(nats_pid)
+                    busy_paced += await _appends(store, n, PACED_RATE)  # while the webhooks deliver them
+                    last = time.perf_counter()
+                    delivered += hooks * n
+                    await _wait_count(http, sink_port, delivered)
+                    backlog = max(backlog, (time.perf_counter() - last) * 1000)
+                    cpu["serve"] += _cpu(service.pid) - serve0
+                    cpu["nats"] += _cpu(nats_pid) - nats0
+                    if round_ < rounds - 1:  # the last round's webhooks take the burst
+                        for webhook_id in ids:
+                            async with http.delete(f"{service.url}/api/webhooks/{webhook_id}") as d:
+                                assert d.status == 200
                 busy = await _appends(store, burst)
-                await _wait_count(http, sink_port, hooks * (paced + burst))
+                await _wait_count(http, sink_port, delivered + hooks * burst)
                 say(f"  webhooks: {events} events to {hooks} webhooks one at a time, {paced} appends at "
                     f"{PACED_RATE:g}/s, bursts of {burst} appends")
             finally:
@@ -235,7 +303,7 @@ async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
         out.append(Result(f"webhook delivery latency p{p}", v, "ms", f, ratio(v, f),
                           f"<= {target:g} ms" if target else None, (v <= target) if target else None, note=note))
     paced_note = (f"{paced} appends at {PACED_RATE:g}/s while {hooks} webhooks deliver each "
-                  f"({hooks * PACED_RATE:g} deliveries/s)")
+                  f"({hooks * PACED_RATE:g} deliveries/s), in {rounds} rounds alternating with the floor's")
     with_posts = (f"; floor = the same appends while a bare aiohttp client in its own process sends the same "
                   f"{hooks * PACED_RATE:g} POSTs/s of the same size to the same receiver")
     for p in (50, 99):
@@ -248,9 +316,18 @@ async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
     out.append(Result("webhook append ack p99 while delivering, against no traffic", v, "ms", f, ratio(v, f),
                       note=paced_note + "; floor = the same appends with no webhook and no HTTP traffic. No target: on "
                       "one machine the HTTP traffic alone can raise this floor (the figure above has it in its floor)"))
+    v, f = cpu["nats"] / paced * 1000, cpu["nats floor"] / paced * 1000
+    out.append(Result("webhook nats-server CPU per append while delivering", v, "ms", f, ratio(v, f),
+                      note=paced_note + "; CPU of the nats-server process the appends go to; floor = the same appends "
+                           "beside the bare client's POSTs. What a delivery costs the append path's server: with a "
+                           "consumer per webhook this grew with the number of webhooks"))
+    v, f = cpu["serve"] / (hooks * paced) * 1000, cpu["poster"] / (hooks * paced) * 1000
+    out.append(Result("webhook service CPU per delivery", v, "ms", f, ratio(v, f),
+                      note=paced_note + "; CPU of the whole mlynar serve process (its projector too) per delivery; "
+                           "floor = the bare client's CPU per POST of the same size to the same receiver"))
     out.append(Result("webhook backlog after the last paced append", backlog, "ms",
-                      note=f"from the last paced append's ack until the receiver had all {hooks * paced} deliveries "
-                           "(sampled every 10 ms): deliveries keep up with the appends"))
+                      note=f"from a round's last paced append's ack until the receiver had all its deliveries (the "
+                           "largest of the rounds, sampled every 10 ms): deliveries keep up with the appends"))
     v, f = percentile(busy, 99), percentile(quiet, 99)
     out.append(Result("webhook append ack p99 during a delivery burst", v, "ms", f, ratio(v, f),
                       note=f"{burst} appends back to back while {hooks} webhooks deliver them "

@@ -102,7 +102,7 @@ FETCH_WAIT = 5.0
 """Seconds one pull request waits on the server for the next event (it returns at once when
 one arrives; this only bounds how often an idle webhook's task wakes up)."""
 _ATTACHED = TypeAdapter(dict[str, int])
-RECORD_EVERY = 0.25
+RECORD_EVERY = 1.0
 """Seconds between two writes of a webhook's delivery records while only successes happen: a
 burst of deliveries is one write per webhook per interval. A crash loses at most that much of
 the record (never a delivery: the consumer's position is the truth)."""
@@ -348,9 +348,10 @@ class WebhookDispatcher:
             hook = self.hooks.get(webhook_id)
             own = await self._until_it_works("look up a webhook's consumer",
                                              lambda: self._consumer_exists(consumer_name(webhook_id)))
-            if hook is not None and hook.active and not hook.deleted and not own:
-                hook.skip_through = skip_through
-                attached.add(webhook_id)
+            if hook is not None:
+                hook.skip_through = skip_through  # (without the fan-out: where its own consumer starts)
+                if hook.active and not hook.deleted and not own:
+                    attached.add(webhook_id)
         async with self._feed_lock:
             self.leading = True
             self.attached = attached
@@ -625,10 +626,11 @@ class WebhookDispatcher:
                 try:
                     msgs = await psub.fetch(batch=1, timeout=FETCH_WAIT)
                 except asyncio.TimeoutError:
-                    continue
-                for msg in msgs:
+                    msgs = []
+                for msg in msgs or [None]:
                     async with self._feed_lock:
-                        await self._fan_out(msg)
+                        if msg is not None:
+                            await self._fan_out(msg)
                         if not self.attached:
                             with contextlib.suppress(NotFoundError):
                                 await self.store.js.delete_consumer(STREAM, FANOUT_CONSUMER)
@@ -691,7 +693,8 @@ class WebhookDispatcher:
     async def _deliver(self, hook: Hook) -> None:
         """Its own consumer until the webhook is disabled or attached to the fan-out again."""
         if not await self._consumer_exists(consumer_name(hook.id)):
-            await self._own_consumer(hook, hook.start_seq)  # a new webhook (or its consumer was lost)
+            # a new webhook; or an attached one whose fan-out consumer was lost: after what it had
+            await self._own_consumer(hook, max(hook.start_seq, hook.skip_through + 1))
         psub = await self.store.js.pull_subscribe_bind(consumer_name(hook.id), stream=STREAM)
         history = await self._log(hook)
         log.info("delivering webhook on its own consumer", extra={"webhook_id": hook.id, "url": hook.url})

@@ -653,6 +653,7 @@ async def test_killing_the_delivering_replica_loses_nothing(nats_url: str, recei
                         return False
                 return True
 
+            await wait_until(lambda: _ready(receiver.of("h0") and receiver.of("h1")), 30, what="first deliveries")
             await wait_until(attached, 30, what="the webhooks on the fan-out")
             before = [await api.create_run() for _ in range(3)]
             first.kill()
@@ -677,3 +678,41 @@ async def test_killing_the_delivering_replica_loses_nothing(nats_url: str, recei
         await store.close()
         for p in procs:
             p.kill()
+
+
+async def test_the_fanout_goes_with_its_last_webhook_and_comes_back_for_a_new_one(make_service,
+                                                                                   receiver: Receiver) -> None:
+    """Deleting the last attached webhook removes the shared consumer (an idle one would fall
+    behind); the next webhook gets a new one and only the events after its own creation."""
+    from mlynar_events.webhooks import FANOUT_CONSUMER
+
+    api = await make_service(**FAST)
+
+    async def fanout_exists() -> bool:
+        try:
+            await api.service.store.js.consumer_info("MLYNAR", FANOUT_CONSUMER)
+            return True
+        except Exception:  # noqa: BLE001 - NotFoundError
+            return False
+
+    async def not_(check: Any) -> bool:
+        return not await check()
+
+    first = await create(api, url=receiver.url("first"), types=["RunCreated"])
+    before = await api.create_run()
+    await wait_until(lambda: _ready(receiver.of("first")), what="the first delivery")
+    await wait_until(lambda: _attached(api, first), what="the first webhook on the fan-out")
+    assert await fanout_exists()
+    assert (await api.call("DELETE", f"/api/webhooks/{first['id']}"))[0] == 200
+    between = await api.create_run()
+    await wait_until(lambda: not_(fanout_exists), what="the fan-out removed with its last webhook")
+    second = await create(api, url=receiver.url("second"), types=["RunCreated"])
+    after = [await api.create_run()]
+    await wait_until(lambda: _ready(receiver.of("second")), what="the second webhook's first delivery")
+    await wait_until(lambda: _attached(api, second), what="the second webhook on the fan-out")
+    after.append(await api.create_run())
+    await wait_until(lambda: _ready(len(receiver.of("second")) >= 2), what="the second webhook's deliveries")
+    assert await fanout_exists()
+    assert [verified(h, second["secret"]).get_subject() for h in receiver.of("second")] == after
+    assert before in {verified(h).get_subject() for h in receiver.of("first")}
+    assert between not in {verified(h).get_subject() for h in receiver.of("second")}
