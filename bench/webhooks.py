@@ -326,7 +326,7 @@ async def bench(sizes: Sizes, tmp: Path) -> list[Result]:
                       note=paced_note + "; CPU of the whole mlynar serve process (its projector too) per delivery; "
                            "floor = the bare client's CPU per POST of the same size to the same receiver"))
     out.append(Result("webhook backlog after the last paced append", backlog, "ms",
-                      note=f"from a round's last paced append's ack until the receiver had all its deliveries (the "
+                      note="from a round's last paced append's ack until the receiver had all its deliveries (the "
                            "largest of the rounds, sampled every 10 ms): deliveries keep up with the appends"))
     v, f = percentile(busy, 99), percentile(quiet, 99)
     out.append(Result("webhook append ack p99 during a delivery burst", v, "ms", f, ratio(v, f),
