@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -145,8 +146,11 @@ def private_targets_allowed(api: ApiSettings) -> bool:
     return api.webhook_allow_private or is_loopback(api.host)
 
 
+@functools.lru_cache(maxsize=4096)
 def check_url(url: str) -> tuple[str, int]:
-    """(host, port) of an acceptable target URL: http(s), a host, no user info, no fragment."""
+    """(host, port) of an acceptable target URL: http(s), a host, no user info, no fragment.
+    Cached: it is judged again before every delivery (with the host's addresses, which can change;
+    the URL cannot), and a refusal (raised) is not cached."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -218,11 +222,13 @@ def signature(secrets: Iterable[str], msg_id: str, timestamp: int, body: bytes) 
     """The ``webhook-signature`` header: ``v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``
     per secret (the key is the base64-decoded part after ``whsec_``), space-separated."""
     signed = f"{msg_id}.{timestamp}.".encode() + body
-    out = []
-    for secret in secrets:
-        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX))
-        out.append("v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode())
-    return " ".join(out)
+    return " ".join("v1," + base64.b64encode(hmac.new(_signing_key(secret), signed, hashlib.sha256).digest()).decode()
+                    for secret in secrets)
+
+
+@functools.lru_cache(maxsize=1024)
+def _signing_key(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix(SECRET_PREFIX))
 
 
 class DeliveryAttempt(BaseModel):
