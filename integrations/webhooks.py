@@ -4,11 +4,13 @@ Why it is built this way:
 
 * **A delivery adds no load to the append path.** A JetStream consumer costs the server work on
   every append (each consumer's pending count, its pull, its ack), so a consumer per webhook made
-  every append pay for every webhook. The webhooks that keep up share **one** durable consumer of
-  the whole stream, the fan-out (:data:`mlynar_events.webhooks.FANOUT_CONSUMER`): one pull and one
-  ack per event however many webhooks there are; each event goes to every attached webhook it
-  concerns (:func:`mlynar_events.webhooks.subject_matches` applies the webhook's filters in
-  process), all at once.
+  every append pay for every webhook. The webhooks that keep up share **one** durable consumer,
+  the fan-out (:data:`mlynar_events.webhooks.FANOUT_CONSUMER`): one pull and one ack per event
+  however many webhooks there are; each event goes to every attached webhook it concerns
+  (:func:`mlynar_events.webhooks.subject_matches` applies the webhook's filters in process), all
+  at once. Its own filters are the union of the attached webhooks'
+  (:func:`mlynar_events.webhooks.fanout_filters`), so an event no webhook wants costs nothing
+  more than it did with no webhook at all.
 * **A slow or failing receiver holds no one else back.** The fan-out waits at most
   ``--webhook-patience`` for the attempts of one event. A webhook that failed, or has not
   answered by then, is *detached* at that event: it gets its own durable consumer starting there
@@ -87,8 +89,8 @@ from mlynar_events.store import EventStore, decode
 from mlynar_events.tasks import cancel_and_wait
 from mlynar_events.webhooks import (
     ATTACHED_KEY, FANOUT_CONSUMER, KEPT_DELIVERIES, DeliveryAttempt, GuardedResolver, WebhookRuleError, check_target,
-    consumer_name, deliveries_bucket, deliveries_json, delivery_filters, fanout_bucket, read_deliveries, signature,
-    subject_matches,
+    consumer_name, deliveries_bucket, deliveries_json, delivery_filters, fanout_bucket, fanout_filters,
+    read_deliveries, signature, subject_matches,
 )
 
 log = logging.getLogger("mlynar.webhooks")
@@ -102,6 +104,7 @@ FETCH_WAIT = 5.0
 """Seconds one pull request waits on the server for the next event (it returns at once when
 one arrives; this only bounds how often an idle webhook's task wakes up)."""
 _ATTACHED = TypeAdapter(dict[str, int])
+FANOUT_DESCRIPTION = "the webhooks' shared fan-out"
 RECORD_EVERY = 1.0
 """Seconds between two writes of a webhook's delivery records while only successes happen: a
 burst of deliveries is one write per webhook per interval. A crash loses at most that much of
@@ -576,6 +579,9 @@ class WebhookDispatcher:
             return False
         js = self.store.js
         async with self._feed_lock:
+            wanted = fanout_filters([hook.filters, *(self.hooks[w].filters for w in self.attached if w in self.hooks)])
+            if self.feed_running:
+                await self._widen_feed(wanted)
             head = await self.store.last_seq()
             info = await js.consumer_info(STREAM, consumer_name(hook.id))
             if info.num_pending or info.num_ack_pending:
@@ -584,7 +590,7 @@ class WebhookDispatcher:
             if not self.feed_running:
                 with contextlib.suppress(NotFoundError):  # left by a crash: its position is stale
                     await js.delete_consumer(STREAM, FANOUT_CONSUMER)
-                await self._add_consumer(self._consumer_config(FANOUT_CONSUMER, "the webhooks' shared fan-out", None,
+                await self._add_consumer(self._consumer_config(FANOUT_CONSUMER, FANOUT_DESCRIPTION, wanted,
                                                                max(acked, head) + 1))
             hook.skip_through = acked
             self.attached.add(hook.id)
@@ -600,6 +606,22 @@ class WebhookDispatcher:
                 self._start_feed()
         log.info("webhook attached to the fan-out", extra={"webhook_id": hook.id, "after_seq": acked})
         return True
+
+    async def _widen_feed(self, wanted: list[str] | None) -> None:
+        """The running fan-out's filters grow to cover ``wanted`` (None: the whole stream). In
+        place: the server keeps the consumer's position and hands it, from there on, the events
+        the new filters match. Before the attaching webhook's ack floor is read: an event of it
+        appended meanwhile is then either in that floor or after the widened position, never
+        passed over by the narrower filters. (Filters do not shrink when webhooks leave: an event
+        no attached webhook wants is only pulled and acked; the consumer goes with the last one.)"""
+        config = (await self.store.js.consumer_info(STREAM, FANOUT_CONSUMER)).config
+        current = config.filter_subjects or ([config.filter_subject] if config.filter_subject else None)
+        widened = None if current is None or wanted is None else fanout_filters([current, wanted])
+        if widened == current:
+            return
+        await self.store.js.add_consumer(STREAM, self._consumer_config(  # an update: same name, same start
+            FANOUT_CONSUMER, FANOUT_DESCRIPTION, widened, config.opt_start_seq or 1))
+        log.info("webhook fan-out filters widened", extra={"filters": widened or ["(the whole stream)"]})
 
     def _fast(self, hook: Hook) -> bool:
         """Its last attempt succeeded within the patience (or it has none yet)."""
@@ -618,8 +640,9 @@ class WebhookDispatcher:
     # ---- delivering: the fan-out ---------------------------------------------------------------
 
     async def _feed(self) -> None:
-        """One consumer of the whole stream for every attached webhook: one pull and one ack per
-        event however many webhooks there are. Ends (removing the consumer) once none is left."""
+        """One consumer, of the events the attached webhooks want, for all of them: one pull and
+        one ack per event however many webhooks there are. Ends (removing the consumer) once none
+        is left."""
         psub = await self.store.js.pull_subscribe_bind(FANOUT_CONSUMER, stream=STREAM)
         try:
             while True:

@@ -108,6 +108,40 @@ def subject_matches(subject: str, filters: Iterable[str]) -> bool:
     return False
 
 
+def _covers(wide: str, narrow: str) -> bool:
+    """Every subject ``narrow`` matches, ``wide`` matches too (both JetStream filters)."""
+    w, n = wide.split("."), narrow.split(".")
+    for i, part in enumerate(w):
+        if part == ">":
+            return i < len(n)
+        if i >= len(n) or n[i] == ">" or (part != "*" and (n[i] == "*" or part != n[i])):
+            return False
+    return len(w) == len(n)
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Some subject matches both filters."""
+    x, y = a.split("."), b.split(".")
+    for i in range(min(len(x), len(y))):
+        if x[i] == ">" or y[i] == ">":
+            return True
+        if x[i] != "*" and y[i] != "*" and x[i] != y[i]:
+            return False
+    return len(x) == len(y)
+
+
+def fanout_filters(filter_sets: Iterable[Iterable[str]]) -> list[str] | None:
+    """The fan-out consumer's subject filters for webhooks with these ``filter_sets``: their
+    union, without the filters another one covers, so that the server hands the fan-out only
+    events some attached webhook wants. None (the whole stream) when two that remain overlap
+    (JetStream refuses overlapping filters, and the only union of those is a wider one)."""
+    union = sorted({f for filters in filter_sets for f in filters})
+    kept = [f for f in union if not any(g != f and _covers(g, f) for g in union)]
+    if any(_overlap(a, b) for i, a in enumerate(kept) for b in kept[i + 1:]):
+        return None
+    return kept
+
+
 # ---- what a subscription receives --------------------------------------------------------------
 
 

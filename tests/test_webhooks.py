@@ -716,3 +716,76 @@ async def test_the_fanout_goes_with_its_last_webhook_and_comes_back_for_a_new_on
     assert [verified(h, second["secret"]).get_subject() for h in receiver.of("second")] == after
     assert before in {verified(h).get_subject() for h in receiver.of("first")}
     assert between not in {verified(h).get_subject() for h in receiver.of("second")}
+
+
+async def test_the_fanout_is_handed_only_what_its_webhooks_want_and_widens_for_a_new_one(make_service,
+                                                                                        receiver: Receiver) -> None:
+    """The shared consumer's filters are the union of the attached webhooks': an event none of
+    them wants is not handed to it at all. A webhook wanting other events widens them as it
+    attaches, and from then on both get every event of theirs, once and in order."""
+    from mlynar_events.webhooks import FANOUT_CONSUMER
+
+    api = await make_service(**FAST)
+    js = api.service.store.js
+
+    async def fanout() -> Any:
+        return await js.consumer_info("MLYNAR", FANOUT_CONSUMER)
+
+    def subjects(name: str) -> list[str]:
+        return [verified(h).get_subject() for h in receiver.of(name)]
+
+    created = await create(api, url=receiver.url("created"), types=["RunCreated"])
+    first = await api.create_run()
+    await wait_until(lambda: _ready(subjects("created") == [first]), what="the first delivery")
+    await wait_until(lambda: _attached(api, created), what="the first webhook on the fan-out")
+    info = await fanout()
+    assert info.config.filter_subject == "mlynar.run.*.RunCreated" and not info.config.filter_subjects
+    handed = info.delivered.consumer_seq
+    assert (await api.call("POST", f"/api/run/{first}/terminate"))[0] == 200  # wanted by no webhook yet
+    second = await api.create_run()
+    await wait_until(lambda: _ready(subjects("created") == [first, second]), what="the second run's delivery")
+    assert (await fanout()).delivered.consumer_seq == handed + 1, "the fan-out was handed an unwanted event"
+
+    ended = await create(api, url=receiver.url("ended"), types=["RunTerminationRequested"])
+    assert (await api.call("POST", f"/api/run/{second}/terminate"))[0] == 200
+    await wait_until(lambda: _ready(subjects("ended") == [second]), what="the second webhook's first delivery")
+    await wait_until(lambda: _attached(api, created, ended), what="both webhooks on the fan-out")
+    assert (await fanout()).config.filter_subjects == ["mlynar.run.*.RunCreated", "mlynar.run.*.RunTerminationRequested"]
+    later = []
+    for _ in range(3):
+        later.append(await api.create_run())
+        assert (await api.call("POST", f"/api/run/{later[-1]}/terminate"))[0] == 200
+    await wait_until(lambda: _ready(subjects("created")[-3:] == later and subjects("ended")[-3:] == later),
+                     what="every later event at both")
+    for name, hook, wanted in (("created", created, "RunCreated"), ("ended", ended, "RunTerminationRequested")):
+        want = await expected_after(api, await created_seq(api, hook["id"]), {wanted})
+        assert in_order_once(receiver.of(name)) == [e.envelope.id for e in want], name
+
+
+def test_the_fanout_filters_match_exactly_what_the_webhooks_filters_match() -> None:
+    """For any webhooks' filters: a subject is handed to the fan-out iff some webhook's filters
+    match it; covered filters are dropped; what is left never overlaps (JetStream refuses that),
+    else the fan-out reads the whole stream."""
+    import itertools
+
+    from mlynar_events.webhooks import delivery_filters, fanout_filters, subject_matches
+
+    choices = [([], []), (["RunCreated"], []), (["RunCreated", "StepSucceeded"], []), (["StepSucceeded"], ["r1"]),
+               ([], ["r1"]), ([], ["r2"]), (["WebhookCreated"], []), (["RunCreated"], ["r2"]),
+               (["TokenCreated", "TokenRevoked"], [])]
+    subjects = [f"mlynar.run.{r}.{t}" for r in ("r1", "r2", "r3") for t in ("RunCreated", "StepSucceeded", "RunDeleted")]
+    subjects += ["mlynar.webhook.w1.WebhookCreated", "mlynar.token.t1.TokenCreated", "mlynar.token.t1.TokenRevoked"]
+    for k in (1, 2, 3):
+        for combo in itertools.combinations(choices, k):
+            sets = [delivery_filters(types, runs) for types, runs in combo]
+            got = fanout_filters(sets)
+            if got is None:
+                union = sorted({f for s in sets for f in s})
+                assert any(subject_matches(s, [a]) and subject_matches(s, [b])  # they do overlap
+                           for s in subjects for a, b in itertools.combinations(union, 2)), combo
+                continue
+            for subject in subjects:
+                assert subject_matches(subject, got) == any(subject_matches(subject, s) for s in sets), (combo, subject)
+            assert len(got) == len(set(got)) and got == sorted(got)
+    assert fanout_filters([["mlynar.run.*.RunCreated"], ["mlynar.run.>"]]) == ["mlynar.run.>"]
+    assert fanout_filters([["mlynar.run.*.RunCreated"], ["mlynar.run.r1.>"]]) is None
