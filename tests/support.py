@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import socket
+import threading
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -110,3 +113,67 @@ class Api:
             return await r.read()
 
 
+class CuttingProxy:
+    """A TCP proxy in front of a loopback server (the API, NATS) that can cut every open
+    connection at once, as a flaky network or a load balancer would (:meth:`cut`), or also refuse
+    new ones, as a partition would (:meth:`close`); it keeps what went through each way."""
+
+    def __init__(self, target: str) -> None:
+        self.target = ("127.0.0.1", int(target.rsplit(":", 1)[1]))
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.up, self.down = bytearray(), bytearray()
+        self.sockets: list[socket.socket] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, self.up), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.down), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, seen: bytearray) -> None:
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    break
+                with self.changed:
+                    seen.extend(data)
+                    self.changed.notify_all()
+                dst.sendall(data)
+            except OSError:
+                break
+        self._shut(src, dst)
+
+    @staticmethod
+    def _shut(*socks: socket.socket) -> None:
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self._shut(*self.sockets)
+
+    def wait(self, predicate, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+        with self.changed:
+            assert self.changed.wait_for(predicate, timeout), f"timed out waiting for {what}"
+
+    def resumed_from(self) -> list[int]:
+        return [int(x) for x in re.findall(rb"Last-Event-ID: (\d+)", bytes(self.up))]
+
+    def close(self) -> None:
+        """Cut, and refuse connections from now on (on Linux only a shutdown wakes the accept
+        blocked on the listening socket; a bare close would leave it listening)."""
+        self._shut(self.server)
+        self.server.close()
+        self.cut()

@@ -9,7 +9,6 @@ import json
 import re
 import selectors
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from typing import Iterator
 import pytest
 
 from agent_helpers import clean_env
-from support import EXAMPLES, REPO
+from support import EXAMPLES, REPO, CuttingProxy
 
 BIN = Path(sys.executable).parent / "mlynar"
 MLYNAR = [str(BIN)] if BIN.exists() else [sys.executable, "-m", "mlynar_events.cli"]
@@ -275,67 +274,6 @@ def test_ctrl_c_stops_watching_not_the_run_and_terminate_exits_3(api: dict[str, 
     watched = cli(api, "run", "watch", run_id)
     assert watched.returncode == 3, watched.stdout + watched.stderr
     assert "terminated" in watched.stdout and "cancelled" in watched.stdout, watched.stdout
-
-
-class CuttingProxy:
-    """A TCP proxy in front of the API that can cut every open connection at once, as a flaky
-    network or a load balancer would; it keeps what went through each way."""
-
-    def __init__(self, target: str) -> None:
-        self.target = ("127.0.0.1", int(target.rsplit(":", 1)[1]))
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
-        self.up, self.down = bytearray(), bytearray()
-        self.sockets: list[socket.socket] = []
-        self.changed = threading.Condition()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, self.up), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, self.down), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, seen: bytearray) -> None:
-        while True:
-            try:
-                data = src.recv(65536)
-                if not data:
-                    break
-                with self.changed:
-                    seen.extend(data)
-                    self.changed.notify_all()
-                dst.sendall(data)
-            except OSError:
-                break
-        self._shut(src, dst)
-
-    @staticmethod
-    def _shut(*socks: socket.socket) -> None:
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        self._shut(*self.sockets)
-
-    def wait(self, predicate, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-        with self.changed:
-            assert self.changed.wait_for(predicate, timeout), f"timed out waiting for {what}"
-
-    def resumed_from(self) -> list[int]:
-        return [int(x) for x in re.findall(rb"Last-Event-ID: (\d+)", bytes(self.up))]
-
-    def close(self) -> None:
-        self.server.close()
-        self.cut()
 
 
 def upload(api: dict[str, str], run_id: str, kind: str, content: bytes) -> None:

@@ -33,7 +33,7 @@ from mlynar_events.events import StoredEvent, WebhookDisabled, key_filter
 from mlynar_events.webhooks import DELIVERIES_BUCKET, consumer_name
 
 from agent_helpers import clean_env
-from support import REPO, Api, wait_until
+from support import REPO, Api, CuttingProxy, wait_until
 
 TOKEN = "webhook-test-token-0123456789"
 FAST = dict(webhook_retry_base=0.01, webhook_retry_cap=0.05, webhook_max_failures=10_000)
@@ -59,12 +59,15 @@ class Receiver:
     hits: list[Hit] = field(default_factory=list)
     holds: dict[str, asyncio.Event] = field(default_factory=dict)
     held: list[Hit] = field(default_factory=list)
+    gone: list[tuple[Hit, int]] = field(default_factory=list)
+    """Held requests whose client went away, each with how many had been held by then."""
     runner: web.AppRunner | None = None
 
     async def start(self) -> "Receiver":
         app = web.Application()
         app.router.add_post("/hook/{name}", self._handle)
-        self.runner = web.AppRunner(app, access_log=None)
+        # a client that goes away cancels its handler: a held request knows it was given up
+        self.runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         await self.runner.setup()
         await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
         self.port = self.runner.addresses[0][1]
@@ -79,8 +82,13 @@ class Receiver:
         name = request.match_info["name"]
         hold = self.holds.get(name)
         if hold is not None and not hold.is_set():  # keep the request open: a delivery in flight
-            self.held.append(Hit(name, {k.lower(): v for k, v in request.headers.items()}, await request.read(), 0))
-            await hold.wait()
+            hit = Hit(name, {k.lower(): v for k, v in request.headers.items()}, await request.read(), 0)
+            self.held.append(hit)
+            try:
+                await hold.wait()
+            except asyncio.CancelledError:
+                self.gone.append((hit, len(self.held)))
+                raise
             return web.Response(status=503)
         status = self.status.get(name, 200)
         self.hits.append(Hit(name, {k.lower(): v for k, v in request.headers.items()}, await request.read(), status))
@@ -789,3 +797,57 @@ def test_the_fanout_filters_match_exactly_what_the_webhooks_filters_match() -> N
             assert len(got) == len(set(got)) and got == sorted(got)
     assert fanout_filters([["mlynar.run.*.RunCreated"], ["mlynar.run.>"]]) == ["mlynar.run.>"]
     assert fanout_filters([["mlynar.run.*.RunCreated"], ["mlynar.run.r1.>"]]) is None
+
+
+async def test_a_leader_cut_off_from_nats_gives_up_before_another_takes_over(nats_url: str, receiver: Receiver,
+                                                                            tmp_path: Path) -> None:
+    """The leader loses NATS (a partition: its connections cut, new ones refused) while a
+    delivery is in flight. Unable to renew its lease, it gives the delivery up (the receiver sees
+    the request go away) before the standby, which takes over only once the lease has run out,
+    sends that event again: never two deliverers at once. Nothing is lost or reordered."""
+    from mlynar_events.lease import LEASES_BUCKET
+    from mlynar_events.store import EventStore
+
+    hold = receiver.holds["p"] = asyncio.Event()
+    args = ("--webhook-ack-wait", "1", "--webhook-lease-ttl", "2", "--webhook-retry-base", "0.01",
+            "--webhook-retry-cap", "0.05")
+    proxy = CuttingProxy(nats_url)
+    store = await EventStore.connect(nats_url)
+    leader = ServeProcess(tmp_path, "leader", f"nats://127.0.0.1:{proxy.port}", *args, data="leader")
+    standby: ServeProcess | None = None
+
+    async def holds_lease(process: ServeProcess) -> bool:
+        with contextlib.suppress(Exception):
+            holder = (await (await store.js.key_value(LEASES_BUCKET)).get("webhooks")).value.decode()
+            return f"-{process.proc.pid}-" in holder
+        return False
+
+    try:
+        await leader.serving()
+        await wait_until(lambda: holds_lease(leader), 30, what="the first replica to hold the lease")
+        standby = ServeProcess(tmp_path, "standby", nats_url, *args, data="standby")
+        async with aiohttp.ClientSession(await standby.serving()) as http:
+            api = Api(http, None)
+            hook = await create(api, url=receiver.url("p"), types=["RunCreated"])
+            first = await api.create_run()
+            await wait_until(lambda: _ready(len(receiver.held) == 1), 30, what="the leader's delivery held open")
+            assert verified(receiver.held[0]).get_subject() == first
+            proxy.close()
+            later = [await api.create_run() for _ in range(2)]
+            await wait_until(lambda: _ready(len(receiver.held) == 2), 30, what="the standby to send the event again")
+            assert await holds_lease(standby)
+            assert verified(receiver.held[1]).get_subject() == first
+            assert [(hit, held) for hit, held in receiver.gone] == [(receiver.held[0], 1)], \
+                "the cut-off leader was still delivering when the standby took over"
+            hold.set()
+            await wait_until(lambda: _ready([verified(h).get_subject() for h in receiver.of("p")] == [first, *later]),
+                             30, what="every event, once the receiver answers")
+        created = (await store.read(key_filter("webhook", hook["id"])))[0].seq
+        want = [e.envelope.id for e in await store.read("mlynar.>", created + 1) if e.event.event_type == "RunCreated"]
+        assert in_order_once(receiver.of("p")) == want
+    finally:
+        await store.close()
+        proxy.close()
+        leader.kill()
+        if standby is not None:
+            standby.kill()
