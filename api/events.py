@@ -40,7 +40,7 @@ from projections.history import run_body_at
 
 from .context import ctx
 from .errors import BadRequest
-from .principal import AccessRevoked, event_visibility, route_run
+from .principal import AccessRevoked, event_visibility, route_run, token_check
 from .render import base_url
 
 log = logging.getLogger("mlynar.api.events")
@@ -300,6 +300,7 @@ async def _stream(request: web.Request, filters: list[str] | None, after: int,
     streams.add(me)
 
     visible = event_visibility(request)
+    token_valid = token_check(request)
 
     async def send(stored: StoredEvent) -> bool:
         """Write one event (if the caller may see it); True when the run's stream is over."""
@@ -331,6 +332,8 @@ async def _stream(request: web.Request, filters: list[str] | None, after: int,
                     log.debug("event stream closed", extra={"run_id": run_id})
                     break  # the client went away while nothing was to be sent
                 if loop.time() - quiet_since >= heartbeat:
+                    if token_valid is not None:  # an idle stream of a revoked token ends here, not at an event
+                        await token_valid()
                     await resp.write(b": heartbeat\n\n")
                     quiet_since = loop.time()
                 continue

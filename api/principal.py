@@ -65,9 +65,11 @@ async def _run_owner(request: web.Request, run_id: str) -> tuple[bool, str | Non
     return exists, owner
 
 
-def _token_check(request: web.Request) -> Callable[[], Awaitable[None]] | None:
+def token_check(request: web.Request) -> Callable[[], Awaitable[None]] | None:
     """For a stream of a revocable token: raises :class:`AccessRevoked` once the token is
-    revoked (looked up again after :data:`TOKEN_RECHECK` or any revocation of this process)."""
+    revoked (looked up again after :data:`TOKEN_RECHECK` or any revocation of this process).
+    Called before each event (through :func:`event_visibility`) and before each keep-alive of
+    an idle stream, which would otherwise stay open, empty, for a revoked client."""
     digest = request.get(TOKEN_DIGEST)
     if digest is None:
         return None
@@ -92,7 +94,7 @@ def event_visibility(request: web.Request) -> Callable[[StoredEvent], Awaitable[
     only its own runs' events. A stream of a token created with ``POST /api/tokens`` (an admin's
     too) raises :class:`AccessRevoked` at its first event after the token's revocation."""
     who = principal(request)
-    token_valid = _token_check(request)
+    token_valid = token_check(request)
     if who.is_admin and token_valid is None:
         return None
     owners: dict[str, bool] = {}  # run id -> the member may see it (learnt once per stream)
