@@ -361,6 +361,8 @@ class WebhookDispatcher:
             if attached != set(recorded):
                 await self._until_it_works("record the attached webhooks", self._write_attached)
             if attached:
+                await self._until_it_works("update the fan-out", lambda: self._update_consumer(FANOUT_CONSUMER,
+                                                                                              FANOUT_DESCRIPTION))
                 self._start_feed()
             elif fanout:
                 with contextlib.suppress(NotFoundError):
@@ -614,14 +616,27 @@ class WebhookDispatcher:
         appended meanwhile is then either in that floor or after the widened position, never
         passed over by the narrower filters. (Filters do not shrink when webhooks leave: an event
         no attached webhook wants is only pulled and acked; the consumer goes with the last one.)"""
-        config = (await self.store.js.consumer_info(STREAM, FANOUT_CONSUMER)).config
+        def widened(current: list[str] | None) -> list[str] | None:
+            return None if current is None or wanted is None else fanout_filters([current, wanted])
+
+        if await self._update_consumer(FANOUT_CONSUMER, FANOUT_DESCRIPTION, widened):
+            log.info("webhook fan-out updated", extra={"wanted": wanted or ["(the whole stream)"]})
+
+    async def _update_consumer(self, name: str, description: str,
+                               filters: Callable[[list[str] | None], list[str] | None] = lambda current: current
+                               ) -> bool:
+        """Update an existing consumer in place (the server keeps its position) when its filters
+        (``filters`` of the current ones) or its ack wait differ from what this dispatcher wants:
+        the leader's ``--webhook-ack-wait`` applies to every consumer it delivers from, also
+        those created before the operator changed it. True if it changed anything."""
+        config = (await self.store.js.consumer_info(STREAM, name)).config
         current = config.filter_subjects or ([config.filter_subject] if config.filter_subject else None)
-        widened = None if current is None or wanted is None else fanout_filters([current, wanted])
-        if widened == current:
-            return
-        await self.store.js.add_consumer(STREAM, self._consumer_config(  # an update: same name, same start
-            FANOUT_CONSUMER, FANOUT_DESCRIPTION, widened, config.opt_start_seq or 1))
-        log.info("webhook fan-out filters widened", extra={"filters": widened or ["(the whole stream)"]})
+        wanted = filters(current)
+        if wanted == current and abs((config.ack_wait or 0) - self.settings.ack_wait) < 1e-3:
+            return False
+        await self.store.js.add_consumer(STREAM, self._consumer_config(name, description, wanted,
+                                                                       config.opt_start_seq or 1))
+        return True
 
     def _fast(self, hook: Hook) -> bool:
         """Its last attempt succeeded within the patience (or it has none yet)."""
@@ -718,6 +733,8 @@ class WebhookDispatcher:
         if not await self._consumer_exists(consumer_name(hook.id)):
             # a new webhook; or an attached one whose fan-out consumer was lost: after what it had
             await self._own_consumer(hook, max(hook.start_seq, hook.skip_through + 1))
+        else:
+            await self._update_consumer(consumer_name(hook.id), f"deliveries of webhook {hook.id}")
         psub = await self.store.js.pull_subscribe_bind(consumer_name(hook.id), stream=STREAM)
         history = await self._log(hook)
         log.info("delivering webhook on its own consumer", extra={"webhook_id": hook.id, "url": hook.url})

@@ -316,7 +316,7 @@ class ServeSettings(BaseModel):
     webhook_retry_cap: float = Field(300.0, description="longest wait in seconds between retries of a webhook delivery")
     webhook_max_failures: int = Field(20, description="consecutive failed deliveries after which a webhook is marked failing and stops until re-enabled")
     webhook_timeout: float = Field(10.0, description="seconds one webhook POST may take")
-    webhook_ack_wait: float = Field(30.0, description="seconds without a heartbeat before a delivery held by a dead dispatcher is taken over")
+    webhook_ack_wait: float = Field(30.0, description="seconds without a heartbeat before a delivery held by a dead dispatcher is taken over; the delivering replica applies its own to every webhook consumer, also existing ones")
     webhook_patience: float = Field(1.0, gt=0, description="seconds the shared webhook fan-out waits for one receiver before that webhook continues on its own consumer (a slow or failing receiver never holds the others)")
     webhook_lease_ttl: float = Field(10.0, ge=1, description="seconds after which a webhooks replica that stopped renewing its lease (killed, cut off) is replaced by a standby")
     webhook_rotation_grace: float = Field(86400.0, description="seconds the previous webhook secret still signs after a rotation")

@@ -851,3 +851,67 @@ async def test_a_leader_cut_off_from_nats_gives_up_before_another_takes_over(nat
         leader.kill()
         if standby is not None:
             standby.kill()
+
+
+async def test_a_changed_ack_wait_applies_to_the_consumers_that_already_exist(nats_url: str, receiver: Receiver,
+                                                                             tmp_path: Path) -> None:
+    """A restart with another --webhook-ack-wait updates the shared fan-out and a detached
+    webhook's own consumer in place: their positions stay, and delivery goes on from there."""
+    from mlynar_events.store import EventStore
+    from mlynar_events.webhooks import FANOUT_CONSUMER
+
+    receiver.status["down"] = 503
+    fast = ("--webhook-retry-base", "0.01", "--webhook-retry-cap", "0.05")
+    store = await EventStore.connect(nats_url)
+    first = ServeProcess(tmp_path, "first", nats_url, "--webhook-ack-wait", "1", *fast)
+    second: ServeProcess | None = None
+
+    async def ack_waits() -> list[float]:
+        return [(await store.js.consumer_info("MLYNAR", name)).config.ack_wait
+                for name in (FANOUT_CONSUMER, consumer_name(down["id"]))]
+
+    try:
+        async with aiohttp.ClientSession(await first.serving()) as http:
+            api = Api(http, None)
+            up = await create(api, url=receiver.url("up"), types=["RunCreated"])
+            down = await create(api, url=receiver.url("down"), types=["RunCreated"])
+            before = await api.create_run()
+            await wait_until(lambda: _ready(receiver.of("up") and receiver.of("down", ok_only=False)),
+                             what="first deliveries")
+
+            async def up_attached() -> bool:
+                with contextlib.suppress(Exception):
+                    await store.js.consumer_info("MLYNAR", FANOUT_CONSUMER)
+                    return not [c for c in await store.js.consumers_info("MLYNAR") if c.name == consumer_name(up["id"])]
+                return False
+
+            await wait_until(up_attached, what="the working webhook on the fan-out")
+        assert await ack_waits() == [1.0, 1.0]
+        first.proc.terminate()
+        first.proc.wait()
+        second = ServeProcess(tmp_path, "second", nats_url, "--webhook-ack-wait", "4", *fast)
+        async with aiohttp.ClientSession(await second.serving()) as http:
+            api = Api(http, None)
+
+            async def updated() -> bool:
+                return await ack_waits() == [4.0, 4.0]
+
+            await wait_until(updated, 30, what="both consumers updated to the new ack wait")
+            receiver.status["down"] = 200
+            later = await api.create_run()
+
+            async def arrived() -> bool:
+                return all({before, later} <= {verified(h).get_subject() for h in receiver.of(name)}
+                           for name in ("up", "down"))
+
+            await wait_until(arrived, 30, what="both webhooks to get both runs")
+        for name, hook in (("up", up), ("down", down)):
+            created = (await store.read(key_filter("webhook", hook["id"])))[0].seq
+            want = [e.envelope.id for e in await store.read("mlynar.>", created + 1)
+                    if e.event.event_type == "RunCreated"]
+            assert in_order_once(receiver.of(name)) == want, name
+    finally:
+        await store.close()
+        first.kill()
+        if second is not None:
+            second.kill()
