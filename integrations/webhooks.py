@@ -9,8 +9,8 @@ Why it is built this way:
   however many webhooks there are; each event goes to every attached webhook it concerns
   (:func:`mlynar_events.webhooks.subject_matches` applies the webhook's filters in process), all
   at once. Its own filters are the union of the attached webhooks'
-  (:func:`mlynar_events.webhooks.fanout_filters`), so an event no webhook wants costs nothing
-  more than it did with no webhook at all.
+  (:func:`mlynar_events.webhooks.fanout_filters`), so the server does not hand it the events no
+  attached webhook asked for.
 * **A slow or failing receiver holds no one else back.** The fan-out waits at most
   ``--webhook-patience`` for the attempts of one event. A webhook that failed, or has not
   answered by then, is *detached* at that event: it gets its own durable consumer starting there
@@ -556,7 +556,7 @@ class WebhookDispatcher:
         )
 
     async def _own_consumer(self, hook: Hook, start: int) -> None:
-        await self._add_consumer(self._consumer_config(consumer_name(hook.id), f"deliveries of webhook {hook.id}",
+        await self._add_consumer(self._consumer_config(consumer_name(hook.id), _own_description(hook.id),
                                                        hook.filters, start))
 
     async def _detach(self, hook: Hook, seq: int, handover: Handover, reason: str) -> None:
@@ -734,7 +734,7 @@ class WebhookDispatcher:
             # a new webhook; or an attached one whose fan-out consumer was lost: after what it had
             await self._own_consumer(hook, max(hook.start_seq, hook.skip_through + 1))
         else:
-            await self._update_consumer(consumer_name(hook.id), f"deliveries of webhook {hook.id}")
+            await self._update_consumer(consumer_name(hook.id), _own_description(hook.id))
         psub = await self.store.js.pull_subscribe_bind(consumer_name(hook.id), stream=STREAM)
         history = await self._log(hook)
         log.info("delivering webhook on its own consumer", extra={"webhook_id": hook.id, "url": hook.url})
@@ -918,6 +918,10 @@ async def _wait_out(tasks: set[asyncio.Future], timeout: float = 5.0, cancel: bo
             _, pending = await asyncio.wait(pending, timeout=0.2)
         except asyncio.CancelledError:
             continue
+
+
+def _own_description(webhook_id: str) -> str:
+    return f"deliveries of webhook {webhook_id}"
 
 
 def _log_context(hook: Hook, stored: StoredEvent) -> dict[str, Any]:
