@@ -628,7 +628,8 @@ class WebhookDispatcher:
         """Update an existing consumer in place (the server keeps its position) when its filters
         (``filters`` of the current ones) or its ack wait differ from what this dispatcher wants:
         the leader's ``--webhook-ack-wait`` applies to every consumer it delivers from, also
-        those created before the operator changed it. True if it changed anything."""
+        those created before the operator changed it. True if it changed anything; NotFoundError
+        if there is no such consumer."""
         config = (await self.store.js.consumer_info(STREAM, name)).config
         current = config.filter_subjects or ([config.filter_subject] if config.filter_subject else None)
         wanted = filters(current)
@@ -730,11 +731,10 @@ class WebhookDispatcher:
 
     async def _deliver(self, hook: Hook) -> None:
         """Its own consumer until the webhook is disabled or attached to the fan-out again."""
-        if not await self._consumer_exists(consumer_name(hook.id)):
-            # a new webhook; or an attached one whose fan-out consumer was lost: after what it had
-            await self._own_consumer(hook, max(hook.start_seq, hook.skip_through + 1))
-        else:
+        try:
             await self._update_consumer(consumer_name(hook.id), _own_description(hook.id))
+        except NotFoundError:  # a new webhook; or an attached one whose fan-out consumer was lost: after what it had
+            await self._own_consumer(hook, max(hook.start_seq, hook.skip_through + 1))
         psub = await self.store.js.pull_subscribe_bind(consumer_name(hook.id), stream=STREAM)
         history = await self._log(hook)
         log.info("delivering webhook on its own consumer", extra={"webhook_id": hook.id, "url": hook.url})

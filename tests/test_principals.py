@@ -6,6 +6,7 @@ loopback mode plays no part; every refusal is checked to have changed nothing.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -44,11 +45,13 @@ class People:
         return self.as_token(body["token"])
 
 
-@pytest.fixture
-async def people(make_service: Callable[..., Awaitable[Api]], tmp_path: Path) -> AsyncIterator[People]:
+@contextlib.asynccontextmanager
+async def people_of(make_service: Callable[..., Awaitable[Api]], tmp_path: Path, **settings: Any
+                    ) -> AsyncIterator[People]:
+    """A service requiring tokens (``settings`` on top), and a client per principal."""
     token_file = tmp_path / "admin-token"
     token_file.write_text(ADMIN_TOKEN + "\n")
-    service_api = await make_service(api_token_file=token_file)
+    service_api = await make_service(api_token_file=token_file, **settings)
     p = People(Api(service_api.http, service_api.service))
     p.admin = p.as_token(ADMIN_TOKEN)
     try:
@@ -56,6 +59,12 @@ async def people(make_service: Callable[..., Awaitable[Api]], tmp_path: Path) ->
     finally:
         for s in p.sessions:
             await s.close()
+
+
+@pytest.fixture
+async def people(make_service: Callable[..., Awaitable[Api]], tmp_path: Path) -> AsyncIterator[People]:
+    async with people_of(make_service, tmp_path) as p:
+        yield p
 
 
 async def started_run(api: Api) -> str:

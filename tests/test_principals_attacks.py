@@ -121,15 +121,10 @@ async def test_an_idle_event_stream_of_a_revoked_token_ends_at_its_next_heartbea
                                                                                    tmp_path: Any) -> None:
     """No event needs to come: the stream of a revoked token ends at the next keep-alive, so a
     revoked client holding the connection open learns it is out (and reconnecting is a 403)."""
-    token_file = tmp_path / "admin-token"
-    token_file.write_text(test_principals.ADMIN_TOKEN + "\n")
-    service = await make_service(api_token_file=token_file, sse_heartbeat=0.2)
-    folks = People(test_principals.Api(service.http, service.service))
-    folks.admin = folks.as_token(test_principals.ADMIN_TOKEN)
-    try:
+    async with test_principals.people_of(make_service, tmp_path, sse_heartbeat=0.2) as folks:
         alice = await folks.person("alice", "member")
         token_id = (await folks.admin.call("GET", "/api/tokens"))[1][0]["id"]
-        head = await service.service.store.last_seq()
+        head = await folks.admin.service.store.last_seq()
         async with alice.http.get(f"/api/events?after={head}", headers=SSE) as resp:  # nothing to send
             assert resp.status == 200
             assert (await resp.content.readline()).startswith(b"retry:")
@@ -137,9 +132,6 @@ async def test_an_idle_event_stream_of_a_revoked_token_ends_at_its_next_heartbea
             rest = await asyncio.wait_for(resp.content.read(), 10)  # to the end of the stream
         assert b"data:" not in rest
         assert (await alice.call("GET", "/api/events", headers=SSE))[0] == 403
-    finally:
-        for s in folks.sessions:
-            await s.close()
 
 
 async def test_a_revoked_admin_token_is_cut_from_its_open_event_stream(people: People) -> None:

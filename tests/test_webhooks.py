@@ -30,6 +30,7 @@ from nats.js.errors import KeyNotFoundError
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from mlynar_events.events import StoredEvent, WebhookDisabled, key_filter
+from mlynar_events.store import EventStore
 from mlynar_events.webhooks import DELIVERIES_BUCKET, consumer_name
 
 from agent_helpers import clean_env
@@ -142,6 +143,13 @@ def in_order_once(hits: list[Hit]) -> list[str]:
         ids.append(hit.headers["webhook-id"])
     assert len(ids) == len(set(ids)), "an event came again later, out of order"
     return ids
+
+
+async def created_after(store: EventStore, webhook_id: str) -> list[str]:
+    """The ids of the ``RunCreated`` events appended after the webhook was created: what a
+    webhook on that type must get, in this order (for tests on service processes)."""
+    created = (await store.read(key_filter("webhook", webhook_id)))[0].seq
+    return [e.envelope.id for e in await store.read("mlynar.>", created + 1) if e.event.event_type == "RunCreated"]
 
 
 async def expected_after(api: Api, seq: int, types: set[str] | None = None) -> list[StoredEvent]:
@@ -524,11 +532,12 @@ async def _errors_include(api: Api, webhook_id: str, text: str) -> bool:
     return any(text in (r["error"] or "") for r in await deliveries(api, webhook_id))
 
 
-async def _consumer_gone(api: Api, webhook_id: str) -> bool:
+async def _consumer_gone(api: Api | EventStore, webhook_id: str) -> bool:
     from nats.js.errors import NotFoundError
 
+    store = api if isinstance(api, EventStore) else api.service.store
     try:
-        await api.service.store.js.consumer_info("MLYNAR", consumer_name(webhook_id))
+        await store.js.consumer_info("MLYNAR", consumer_name(webhook_id))
     except NotFoundError:
         return True
     return False
@@ -587,8 +596,9 @@ async def test_a_members_webhook_gets_only_what_the_member_may_see(make_service,
             await s.close()
 
 
-async def _attached(api: Api, *hooks: dict[str, Any]) -> bool:
-    """Every one of ``hooks`` is on the shared fan-out: it has no consumer of its own."""
+async def _attached(api: Api | EventStore, *hooks: dict[str, Any]) -> bool:
+    """Every one of ``hooks`` is on the shared fan-out: it has no consumer of its own (``api``:
+    the in-process service's, or a store on the NATS of service processes)."""
     return all([await _consumer_gone(api, hook["id"]) for hook in hooks])
 
 
@@ -632,7 +642,6 @@ async def test_killing_the_delivering_replica_loses_nothing(nats_url: str, recei
     """Two replicas; the one holding the webhooks' lease is SIGKILLed while events are being
     fanned out. The other takes the lease over and delivers every event, in order."""
     from mlynar_events.lease import LEASES_BUCKET
-    from mlynar_events.store import EventStore
 
     args = ("--webhook-ack-wait", "1", "--webhook-lease-ttl", "2", "--webhook-retry-base", "0.01",
             "--webhook-retry-cap", "0.05")
@@ -654,15 +663,8 @@ async def test_killing_the_delivering_replica_loses_nothing(nats_url: str, recei
             hooks = [await create(api, url=receiver.url(f"h{i}"), types=["RunCreated"]) for i in range(2)]
             await api.create_run()
 
-            async def attached() -> bool:
-                for hook in hooks:
-                    with contextlib.suppress(Exception):
-                        await store.js.consumer_info("MLYNAR", consumer_name(hook["id"]))
-                        return False
-                return True
-
             await wait_until(lambda: _ready(receiver.of("h0") and receiver.of("h1")), 30, what="first deliveries")
-            await wait_until(attached, 30, what="the webhooks on the fan-out")
+            await wait_until(lambda: _attached(store, *hooks), 30, what="the webhooks on the fan-out")
             before = [await api.create_run() for _ in range(3)]
             first.kill()
             after = [await api.create_run() for _ in range(3)]
@@ -678,10 +680,7 @@ async def test_killing_the_delivering_replica_loses_nothing(nats_url: str, recei
 
             await wait_until(all_delivered, 60, what="every event after the takeover")
         for i, hook in enumerate(hooks):
-            created = (await store.read(key_filter("webhook", hook["id"])))[0].seq
-            want = [e.envelope.id for e in await store.read("mlynar.>", created + 1)
-                    if e.event.event_type == "RunCreated"]
-            assert in_order_once(receiver.of(f"h{i}")) == want
+            assert in_order_once(receiver.of(f"h{i}")) == await created_after(store, hook["id"])
     finally:
         await store.close()
         for p in procs:
@@ -806,7 +805,6 @@ async def test_a_leader_cut_off_from_nats_gives_up_before_another_takes_over(nat
     the request go away) before the standby, which takes over only once the lease has run out,
     sends that event again: never two deliverers at once. Nothing is lost or reordered."""
     from mlynar_events.lease import LEASES_BUCKET
-    from mlynar_events.store import EventStore
 
     hold = receiver.holds["p"] = asyncio.Event()
     args = ("--webhook-ack-wait", "1", "--webhook-lease-ttl", "2", "--webhook-retry-base", "0.01",
@@ -842,9 +840,7 @@ async def test_a_leader_cut_off_from_nats_gives_up_before_another_takes_over(nat
             hold.set()
             await wait_until(lambda: _ready([verified(h).get_subject() for h in receiver.of("p")] == [first, *later]),
                              30, what="every event, once the receiver answers")
-        created = (await store.read(key_filter("webhook", hook["id"])))[0].seq
-        want = [e.envelope.id for e in await store.read("mlynar.>", created + 1) if e.event.event_type == "RunCreated"]
-        assert in_order_once(receiver.of("p")) == want
+        assert in_order_once(receiver.of("p")) == await created_after(store, hook["id"])
     finally:
         await store.close()
         proxy.close()
@@ -857,7 +853,6 @@ async def test_a_changed_ack_wait_applies_to_the_consumers_that_already_exist(na
                                                                              tmp_path: Path) -> None:
     """A restart with another --webhook-ack-wait updates the shared fan-out and a detached
     webhook's own consumer in place: their positions stay, and delivery goes on from there."""
-    from mlynar_events.store import EventStore
     from mlynar_events.webhooks import FANOUT_CONSUMER
 
     receiver.status["down"] = 503
@@ -878,14 +873,7 @@ async def test_a_changed_ack_wait_applies_to_the_consumers_that_already_exist(na
             before = await api.create_run()
             await wait_until(lambda: _ready(receiver.of("up") and receiver.of("down", ok_only=False)),
                              what="first deliveries")
-
-            async def up_attached() -> bool:
-                with contextlib.suppress(Exception):
-                    await store.js.consumer_info("MLYNAR", FANOUT_CONSUMER)
-                    return not [c for c in await store.js.consumers_info("MLYNAR") if c.name == consumer_name(up["id"])]
-                return False
-
-            await wait_until(up_attached, what="the working webhook on the fan-out")
+            await wait_until(lambda: _attached(store, up), what="the working webhook on the fan-out")
         assert await ack_waits() == [1.0, 1.0]
         first.proc.terminate()
         first.proc.wait()
@@ -906,10 +894,7 @@ async def test_a_changed_ack_wait_applies_to_the_consumers_that_already_exist(na
 
             await wait_until(arrived, 30, what="both webhooks to get both runs")
         for name, hook in (("up", up), ("down", down)):
-            created = (await store.read(key_filter("webhook", hook["id"])))[0].seq
-            want = [e.envelope.id for e in await store.read("mlynar.>", created + 1)
-                    if e.event.event_type == "RunCreated"]
-            assert in_order_once(receiver.of(name)) == want, name
+            assert in_order_once(receiver.of(name)) == await created_after(store, hook["id"]), name
     finally:
         await store.close()
         first.kill()
